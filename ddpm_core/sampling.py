@@ -1,0 +1,154 @@
+"""Ancestral DDPM sampling as one jitted ``lax.scan`` over all T steps.
+
+Each step predicts x_0 from x_t, clips it to [-1, 1], forms the posterior mean of
+q(x_{t-1} | x_t, x_0) from it (Ho et al. 2020, Eq. 7) and adds noise with the chosen variance,
+except at t = 0, which returns the mean. Noise at step t comes from ``fold_in(key, t)``, so the
+same key gives the same images.
+
+Variances:
+- ``fixed_small``: the posterior variance (beta tilde), with its log clipped at t = 0.
+- ``fixed_large``: beta_t, with the t = 0 entry replaced by the posterior variance at t = 1, as in
+  the original DDPM code.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddpm_core.diffusion import extract, q_posterior_mean_variance, split_model_output
+from ddpm_core.schedule import DiffusionCoefficients
+
+# model_fn(x_t [B, H, W, C], t [B]) -> network output [B, H, W, C]
+ModelFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
+# apply_fn(params, x_t, t, y) -> network output; hashable, such as ddpm_core.unet.ModelApply.
+ApplyFn = Callable[..., jnp.ndarray]
+
+VARIANCES = ("fixed_small", "fixed_large")
+
+
+def log_variance(coeffs: DiffusionCoefficients, variance: str) -> jnp.ndarray:
+    """Log of the reverse-step variance per timestep, float32 [T], finite at t = 0."""
+    if variance == "fixed_small":
+        return coeffs.posterior_log_variance_clipped
+    elif variance == "fixed_large":
+        return jnp.log(jnp.append(coeffs.posterior_variance[1], coeffs.betas[1:]))
+    else:
+        raise ValueError(f"unknown variance {variance!r}; choose one of {VARIANCES}")
+
+
+def ddpm_step(
+    coeffs: DiffusionCoefficients,
+    model_fn: ModelFn,
+    prediction_type: str,
+    log_var: jnp.ndarray,
+    x_t: jnp.ndarray,
+    t: jnp.ndarray,
+    key: jax.Array,
+) -> jnp.ndarray:
+    """One ancestral step x_t -> x_{t-1} for a scalar int32 timestep ``t``."""
+    t_batch = jnp.full((x_t.shape[0],), t, dtype=jnp.int32)
+    output = model_fn(x_t, t_batch)
+    x_start, _ = split_model_output(coeffs, prediction_type, output, x_t, t_batch)
+    x_start = jnp.clip(x_start, -1.0, 1.0)
+    mean, _, _ = q_posterior_mean_variance(coeffs, x_start, x_t, t_batch)
+    noise = jax.random.normal(key, x_t.shape, x_t.dtype)
+    # No noise at the last step: t = 0 returns the posterior mean.
+    nonzero = (t > 0).astype(x_t.dtype)
+    return mean + nonzero * jnp.exp(0.5 * extract(log_var, t_batch)) * noise
+
+
+def frame_schedule(num_timesteps: int, frame_every: int) -> tuple[np.ndarray, int]:
+    """Timesteps to run, padded at the front with -1 so their count is a multiple of ``frame_every``.
+
+    Returns the int32 array [num_frames * frame_every] running T-1 down to 0 and the number of
+    frames after the initial noise. A frame is kept after every ``frame_every`` entries, so the
+    last frame is always the final image.
+    """
+    num_frames = -(-num_timesteps // frame_every)
+    padding = num_frames * frame_every - num_timesteps
+    timesteps = np.concatenate([np.full(padding, -1), np.arange(num_timesteps - 1, -1, -1)])
+    return timesteps.astype(np.int32), num_frames
+
+
+def guided_model_fn(apply_fn: ApplyFn, params, labels: jnp.ndarray | None, guidance_scale: float,
+                    null_label: int) -> ModelFn:
+    """Network closure, with classifier-free guidance when labels are given.
+
+    Guidance combines the conditional and unconditional outputs as
+    ``(1 + w) * out(y) - w * out(null)`` (Ho and Salimans 2022), with w = guidance_scale.
+    """
+    if labels is None:
+        return lambda x_t, t: apply_fn(params, x_t, t)
+
+    def model_fn(x_t, t):
+        conditional = apply_fn(params, x_t, t, labels)
+        if guidance_scale == 0.0:
+            return conditional
+        unconditional = apply_fn(params, x_t, t, jnp.full_like(labels, null_label))
+        return (1.0 + guidance_scale) * conditional - guidance_scale * unconditional
+
+    return model_fn
+
+
+@partial(jax.jit, static_argnames=("apply_fn", "prediction_type", "variance", "shape", "frame_every", "guidance_scale", "null_label"))
+def ddpm_sample(
+    apply_fn: ApplyFn,
+    params,
+    coeffs: DiffusionCoefficients,
+    key: jax.Array,
+    shape: tuple[int, ...],
+    prediction_type: str = "eps",
+    variance: str = "fixed_small",
+    frame_every: int = 0,
+    labels: jnp.ndarray | None = None,
+    guidance_scale: float = 0.0,
+    null_label: int = 0,
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Generate images with ancestral DDPM sampling from x_{T} ~ N(0, I).
+
+    Args:
+      apply_fn: hashable network function, a static argument of the jitted sampler.
+      params: network parameters (the EMA weights).
+      coeffs: schedule coefficients of the trained model.
+      key: PRNG key; the initial noise uses ``fold_in(key, T)``, step t uses ``fold_in(key, t)``.
+      shape: [B, H, W, C] of the output.
+      labels: int32 [B] digits for a class-conditional model, or None for unconditional samples.
+      guidance_scale: classifier-free guidance weight w (0 is plain conditional sampling).
+      null_label: the "no label" index of a class-conditional model (its num_classes).
+      frame_every: keep one intermediate frame every this many steps; 0 keeps only the final image.
+
+    Returns:
+      images float32 [B, H, W, C] in [-1, 1], and frames float32 [F + 1, B, H, W, C] starting with
+      the initial noise and ending with the final images (F = ceil(T / frame_every)), or an empty
+      [0, B, H, W, C] array when ``frame_every`` is 0.
+    """
+    model_fn = guided_model_fn(apply_fn, params, labels, guidance_scale, null_label)
+    num_timesteps = coeffs.num_timesteps
+    log_var = log_variance(coeffs, variance)
+    x_init = jax.random.normal(jax.random.fold_in(key, num_timesteps), shape, jnp.float32)
+
+    def step(x_t, t):
+        x_prev = ddpm_step(coeffs, model_fn, prediction_type, log_var, x_t, jnp.maximum(t, 0),
+                           jax.random.fold_in(key, t))
+        # Padding entries (t = -1) leave x unchanged.
+        return jnp.where(t >= 0, x_prev, x_t), None
+
+    if frame_every <= 0:
+        timesteps = jnp.arange(num_timesteps - 1, -1, -1, dtype=jnp.int32)
+        images, _ = jax.lax.scan(step, x_init, timesteps)
+        return jnp.clip(images, -1.0, 1.0), jnp.zeros((0,) + shape, jnp.float32)
+
+    timesteps, num_frames = frame_schedule(num_timesteps, frame_every)
+
+    def chunk(x_t, chunk_timesteps):
+        x_t, _ = jax.lax.scan(step, x_t, chunk_timesteps)
+        return x_t, x_t
+
+    images, frames = jax.lax.scan(chunk, x_init, jnp.asarray(timesteps).reshape(num_frames, frame_every))
+    frames = jnp.concatenate([x_init[None], frames], axis=0)
+    return jnp.clip(images, -1.0, 1.0), jnp.clip(frames, -1.0, 1.0)
