@@ -152,3 +152,84 @@ def ddpm_sample(
     images, frames = jax.lax.scan(chunk, x_init, jnp.asarray(timesteps).reshape(num_frames, frame_every))
     frames = jnp.concatenate([x_init[None], frames], axis=0)
     return jnp.clip(images, -1.0, 1.0), jnp.clip(frames, -1.0, 1.0)
+
+
+def ddim_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
+    """Evenly spaced timesteps from T-1 down to 0, rounded to integers ("linspace" spacing).
+
+    Works for any ``num_steps`` from 1 to T, including counts that do not divide T; with 1 step
+    it is [T-1]. Returns int32 [num_steps], strictly decreasing.
+    """
+    if not 1 <= num_steps <= num_timesteps:
+        raise ValueError(f"steps must be in [1, {num_timesteps}], got {num_steps}")
+    if num_steps == 1:
+        return np.array([num_timesteps - 1], np.int32)
+    return np.round(np.linspace(num_timesteps - 1, 0, num_steps)).astype(np.int32)
+
+
+@partial(jax.jit, static_argnames=("apply_fn", "prediction_type", "shape", "num_steps", "frame_every",
+                                   "guidance_scale", "null_label"))
+def ddim_sample(
+    apply_fn: ApplyFn,
+    params,
+    coeffs: DiffusionCoefficients,
+    key: jax.Array,
+    shape: tuple[int, ...],
+    num_steps: int,
+    eta: float | jnp.ndarray = 0.0,
+    prediction_type: str = "eps",
+    frame_every: int = 0,
+    labels: jnp.ndarray | None = None,
+    guidance_scale: float = 0.0,
+    null_label: int = 0,
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Generate images with DDIM (Song et al. 2021, Eq. 12) over ``ddim_timesteps(T, num_steps)``.
+
+    ``eta`` = 0 is deterministic given the initial noise; ``eta`` = 1 matches the DDPM posterior
+    variance on the chosen sub-sequence. The last step goes to alphas_cumprod = 1 (clean images)
+    without noise. Arguments and returns are as for ``ddpm_sample``; frames are kept every
+    ``frame_every`` sampling steps.
+    """
+    model_fn = guided_model_fn(apply_fn, params, labels, guidance_scale, null_label)
+    num_timesteps = coeffs.num_timesteps
+    timesteps = ddim_timesteps(num_timesteps, num_steps)
+    previous = np.append(timesteps[1:], -1).astype(np.int32)
+    x_init = jax.random.normal(jax.random.fold_in(key, num_timesteps), shape, jnp.float32)
+    alphas_cumprod = coeffs.alphas_cumprod
+
+    def step(x_t, inputs):
+        t, t_prev, index = inputs
+        valid = t >= 0
+        t_safe = jnp.maximum(t, 0)
+        t_batch = jnp.full((shape[0],), t_safe, jnp.int32)
+        x_start, eps = split_model_output(coeffs, prediction_type, model_fn(x_t, t_batch), x_t, t_batch)
+        x_start = jnp.clip(x_start, -1.0, 1.0)
+        eps = (x_t - jnp.sqrt(alphas_cumprod[t_safe]) * x_start) / jnp.sqrt(1.0 - alphas_cumprod[t_safe])
+        ab_t = alphas_cumprod[t_safe]
+        ab_prev = jnp.where(t_prev >= 0, alphas_cumprod[jnp.maximum(t_prev, 0)], 1.0)
+        sigma = eta * jnp.sqrt((1.0 - ab_prev) / (1.0 - ab_t) * (1.0 - ab_t / ab_prev))
+        direction = jnp.sqrt(jnp.maximum(1.0 - ab_prev - sigma**2, 0.0)) * eps
+        noise = jax.random.normal(jax.random.fold_in(key, index), x_t.shape, x_t.dtype)
+        x_prev = jnp.sqrt(ab_prev) * x_start + direction + sigma * noise
+        return jnp.where(valid, x_prev, x_t), None
+
+    keep_frames = frame_every > 0
+    frame_every = frame_every if keep_frames else num_steps
+    num_frames = -(-num_steps // frame_every)
+    padding = num_frames * frame_every - num_steps
+    pad = np.full(padding, -1, np.int32)
+    inputs = (
+        np.concatenate([pad, timesteps]).reshape(num_frames, frame_every),
+        np.concatenate([pad, previous]).reshape(num_frames, frame_every),
+        np.concatenate([pad, np.arange(num_steps, dtype=np.int32)]).reshape(num_frames, frame_every),
+    )
+
+    def chunk(x_t, chunk_inputs):
+        x_t, _ = jax.lax.scan(step, x_t, chunk_inputs)
+        return x_t, x_t
+
+    images, frames = jax.lax.scan(chunk, x_init, tuple(jnp.asarray(a) for a in inputs))
+    if not keep_frames:
+        return jnp.clip(images, -1.0, 1.0), jnp.zeros((0,) + shape, jnp.float32)
+    frames = jnp.concatenate([x_init[None], frames], axis=0)
+    return jnp.clip(images, -1.0, 1.0), jnp.clip(frames, -1.0, 1.0)

@@ -1,0 +1,1 @@
+"""Prefect flows that chain the pipeline's tasks, and the ``ddpm`` command line."""

@@ -1,0 +1,64 @@
+"""The registered MLflow model: a ``pyfunc`` that generates images from the EMA weights.
+
+Input: a pandas DataFrame with one row. Columns (all optional but ``num_samples``):
+``num_samples`` (int), ``seed`` (int), ``sampler`` ("ddpm", "ddpm_large" or "ddim"), ``steps``
+(int, 0 means T), ``eta`` (float, DDIM only), ``digits`` (comma-separated digits, class-conditional
+models only) and ``guidance_scale`` (float).
+
+Output: float32 array [num_samples, 28, 28, 1] with pixel values in [-1, 1].
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+
+MODEL_ARTIFACT = "model"
+INPUT_EXAMPLE = pd.DataFrame({"num_samples": [4], "seed": [0], "sampler": ["ddpm"], "steps": [0]})
+
+
+def parse_digits(value: Any) -> list[int] | None:
+    """Parse "2,7,3" (or a list) into [2, 7, 3]; empty or missing gives None."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    if isinstance(value, str):
+        parts = [part.strip() for part in value.replace(" ", ",").split(",") if part.strip()]
+        try:
+            return [int(part) for part in parts] or None
+        except ValueError:
+            raise ValueError(f"digits must be integers separated by commas, got {value!r}") from None
+    return [int(item) for item in value] or None
+
+
+class DdpmSampler(mlflow.pyfunc.PythonModel):
+    """Generate MNIST-like digits with the packaged EMA weights."""
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        from ddpm_core.checkpoint import load_model
+
+        self.apply_fn, self.params, self.config = load_model(context.artifacts[MODEL_ARTIFACT])
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> np.ndarray:
+        from ddpm_core.generate import generate
+
+        if len(model_input) != 1:
+            raise ValueError(f"expected one request row, got {len(model_input)}")
+        row = model_input.iloc[0].to_dict()
+        if "num_samples" not in row:
+            raise ValueError("the request needs a num_samples column")
+        images, _ = generate(
+            self.apply_fn,
+            self.params,
+            self.config,
+            num_samples=int(row["num_samples"]),
+            seed=int(row.get("seed", 0)),
+            sampler=str(row.get("sampler", "ddpm")),
+            steps=int(row.get("steps", 0)),
+            eta=float(row.get("eta", 0.0)),
+            digits=parse_digits(row.get("digits")),
+            guidance_scale=float(row.get("guidance_scale", 0.0)),
+        )
+        return images
