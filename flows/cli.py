@@ -260,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault(name, value)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("jax._src.xla_bridge", "absl", "orbax", "absl.logging"):
+    for noisy in ("jax._src.xla_bridge", "absl", "orbax", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     handlers = {"train": run_train, "sample": run_sample, "task": run_task, "ui": run_ui, "presets": run_presets}

@@ -1,0 +1,141 @@
+"""End-to-end: the real train_pipeline flow with the smoke preset, real TFDS data and a real MLflow store."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+from PIL import Image
+
+from flows.cli import main as cli_main
+from flows.sample_pipeline import sample_pipeline
+from flows.train_pipeline import train_pipeline
+from tasks.register_model import MLFLOW_RUN_TAG, PREFECT_FLOW_RUN_TAG, register_model
+from tasks.settings import load_mlflow_settings, read_manifest
+
+
+@pytest.fixture(scope="module")
+def smoke_run(prefect_server, mnist_dir, tmp_path_factory):
+    """Run train_pipeline once with the smoke preset; shared by the tests of this module."""
+    root = tmp_path_factory.mktemp("pipeline")
+    settings_path = root / "mlflow.yaml"
+    settings_path.write_text(
+        f"tracking_uri: sqlite:///{root / 'mlflow.db'}\n"
+        f"artifact_location: {root / 'mlartifacts'}\n"
+        "experiment_name: test-ddpm\n"
+        "registered_model_name: test-ddpm\n",
+        encoding="utf-8",
+    )
+    result = train_pipeline(preset="smoke", mnist_dir=mnist_dir, data_dir=str(root / "data"),
+                            output_dir=str(root / "outputs"), run_name="smoke-test",
+                            mlflow_config=str(settings_path))
+    settings = load_mlflow_settings(str(settings_path))
+    return {"result": result, "settings": settings, "settings_path": str(settings_path), "root": root}
+
+
+def test_pipeline_registers_one_version(smoke_run):
+    settings = smoke_run["settings"]
+    client = MlflowClient(settings.resolved_tracking_uri())
+    versions = client.search_model_versions(f"name = '{settings.registered_model_name}'")
+    assert len(versions) == 1
+    assert versions[0].version == smoke_run["result"]["model_version"]
+    assert versions[0].run_id == smoke_run["result"]["mlflow_run_id"]
+
+
+def test_version_tagged_with_run_ids(smoke_run):
+    settings = smoke_run["settings"]
+    client = MlflowClient(settings.resolved_tracking_uri())
+    version = client.get_model_version(settings.registered_model_name, smoke_run["result"]["model_version"])
+    assert version.tags[MLFLOW_RUN_TAG] == smoke_run["result"]["mlflow_run_id"]
+    assert version.tags[PREFECT_FLOW_RUN_TAG]
+    alias = client.get_model_version_by_alias(settings.registered_model_name, "newest")
+    assert alias.version == version.version
+
+
+def test_run_has_params_metrics_artifacts(smoke_run):
+    settings = smoke_run["settings"]
+    client = MlflowClient(settings.resolved_tracking_uri())
+    run_id = smoke_run["result"]["mlflow_run_id"]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.steps"] == "8"
+    assert run.data.params["model.channel_mults"] == "1,2"
+    assert run.data.tags[PREFECT_FLOW_RUN_TAG] == client.get_model_version(
+        settings.registered_model_name, smoke_run["result"]["model_version"]).tags[PREFECT_FLOW_RUN_TAG]
+    history = client.get_metric_history(run_id, "loss")
+    assert [metric.step for metric in history] == [4, 8]
+    assert all(np.isfinite(metric.value) for metric in history)
+    artifacts = {item.path for item in client.list_artifacts(run_id, "samples")}
+    assert artifacts == {"samples/denoising.gif", "samples/samples.png"}
+
+
+def test_gif_has_all_frames(smoke_run):
+    gif = Image.open(smoke_run["result"]["gif_path"])
+    # smoke preset: T = 20, a frame every 5 steps, plus the initial noise.
+    assert gif.n_frames == 5
+    assert gif.mode in ("L", "P")
+
+
+def test_pyfunc_model_generates_images(smoke_run):
+    settings = smoke_run["settings"]
+    mlflow.set_tracking_uri(settings.resolved_tracking_uri())
+    model = mlflow.pyfunc.load_model(f"models:/{settings.registered_model_name}@newest")
+    import pandas as pd
+
+    images = model.predict(pd.DataFrame({"num_samples": [3], "seed": [1]}))
+    assert images.shape == (3, 28, 28, 1)
+    assert images.dtype == np.float32
+    assert images.min() >= -1.0
+    assert images.max() <= 1.0
+    again = model.predict(pd.DataFrame({"num_samples": [3], "seed": [1]}))
+    np.testing.assert_array_equal(images, again)
+
+
+def test_register_again_adds_no_version(smoke_run):
+    settings = smoke_run["settings"]
+    result = smoke_run["result"]
+    manifest = read_manifest(result["run_dir"])
+    version = register_model.fn(manifest["model_dir"], result["mlflow_run_id"], settings.registered_model_name,
+                                settings.resolved_tracking_uri())
+    assert version == result["model_version"]
+    client = MlflowClient(settings.resolved_tracking_uri())
+    assert len(client.search_model_versions(f"name = '{settings.registered_model_name}'")) == 1
+
+
+def test_sample_pipeline_from_alias(smoke_run):
+    result = sample_pipeline(model="@newest", num_samples=2, seed=3, sampler="ddim", steps=4, frame_every=2,
+                             grid_cols=2, upscale=1, output_dir=str(smoke_run["root"] / "samples"),
+                             mlflow_config=smoke_run["settings_path"])
+    with np.load(result["samples_path"]) as samples:
+        assert samples["images"].shape == (2, 28, 28, 1)
+        # DDIM with 4 steps and a frame every 2: initial noise plus 2 frames.
+        assert samples["frames"].shape == (3, 2, 28, 28, 1)
+    assert os.path.isfile(result["gif_path"])
+
+
+def test_cli_task_renders_from_manifest(smoke_run, capsys):
+    run_dir = smoke_run["result"]["run_dir"]
+    os.remove(smoke_run["result"]["png_path"])
+    status = cli_main(["task", "render-gif", "--run-dir", run_dir])
+    assert status == 0
+    paths = json.loads(capsys.readouterr().out)
+    assert paths[1] == smoke_run["result"]["png_path"]
+    assert os.path.isfile(paths[1])
+
+
+def test_cli_rejects_bad_value_early(capsys):
+    status = cli_main(["train", "--preset", "smoke", "--set", "train.batch_size=0"])
+    assert status == 2
+    error = capsys.readouterr().err
+    assert "train.batch_size" in error
+    assert "greater than or equal to 1" in error
+
+
+def test_cli_task_needs_manifest(tmp_path, capsys):
+    status = cli_main(["task", "train-model", "--run-dir", str(tmp_path)])
+    assert status == 2
+    assert "run.json" in capsys.readouterr().err
