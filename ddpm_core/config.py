@@ -39,18 +39,20 @@ class ModelConfig(_Section):
     def _check_shapes(self) -> ModelConfig:
         for mult in self.channel_mults:
             if not 1 <= mult <= 8:
-                raise ValueError(f"channel_mults entries must be in [1, 8], got {mult}")
+                raise ValueError(f"model.channel_mults entries must be in [1, 8], got {mult}")
             channels = self.base_channels * mult
             if channels % self.num_groups:
                 raise ValueError(
-                    f"num_groups={self.num_groups} must divide every channel count, but not {channels}"
+                    f"model.num_groups={self.num_groups} must divide every channel count, but not {channels}"
                 )
             if channels % self.num_heads:
-                raise ValueError(f"num_heads={self.num_heads} must divide every channel count, but not {channels}")
+                raise ValueError(
+                    f"model.num_heads={self.num_heads} must divide every channel count, but not {channels}"
+                )
         sides = self.resolutions()
         for side in self.attention_resolutions:
             if side not in sides:
-                raise ValueError(f"attention_resolutions entries must be among {sides}, got {side}")
+                raise ValueError(f"model.attention_resolutions entries must be among {sides}, got {side}")
         return self
 
     def resolutions(self) -> tuple[int, ...]:
@@ -103,7 +105,7 @@ class TrainConfig(_Section):
             value = getattr(self, name)
             if value % self.steps_per_dispatch:
                 raise ValueError(
-                    f"{name}={value} must be a multiple of steps_per_dispatch={self.steps_per_dispatch}"
+                    f"train.{name}={value} must be a multiple of train.steps_per_dispatch={self.steps_per_dispatch}"
                 )
         return self
 
@@ -226,5 +228,9 @@ def describe_validation_error(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
         field = ".".join(str(part) for part in item["loc"]) or "config"
-        lines.append(f"{field}: {item['msg']} (got {item.get('input')!r})")
+        if item["type"] == "value_error":
+            # A check across fields: its message already names the fields and values.
+            lines.append(f"{field}: {item['msg'].removeprefix('Value error, ')}")
+        else:
+            lines.append(f"{field}: {item['msg']} (got {item.get('input')!r})")
     return "invalid configuration:\n  " + "\n  ".join(lines)

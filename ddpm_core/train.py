@@ -4,6 +4,10 @@ The whole training set lives on the device as uint8 [N, 28, 28, 1]; each step dr
 indices, timesteps and noise inside the compiled function from ``fold_in(state.key, step)``, so
 there is no Python data loader in the loop and a run resumed from a checkpoint draws exactly the
 batches an uninterrupted run would have drawn.
+
+Training is data-parallel over every device (see ``ddpm_core.parallel``): the state and the
+training set are replicated, and each step's batch is sharded over the mesh axis ``"data"``. The
+draws do not depend on the device count, so one and several devices train on the same batches.
 """
 
 from __future__ import annotations
@@ -18,9 +22,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx, struct
+from jax.sharding import Mesh
 
 from ddpm_core.config import PipelineConfig, TrainConfig
 from ddpm_core.diffusion import diffusion_loss, sample_timesteps
+from ddpm_core.parallel import (
+    check_batch_size,
+    constrain_batch,
+    make_mesh,
+    maybe_initialize_distributed,
+    put_replicated,
+    replicated,
+    shard_state,
+)
 from ddpm_core.schedule import DiffusionCoefficients, make_coefficients
 from ddpm_core.unet import ModelApply, create_model
 
@@ -81,6 +95,8 @@ class Trainer:
     apply: ModelApply
     optimizer: optax.GradientTransformation
     coeffs: DiffusionCoefficients
+    # Devices the batch is sharded over; None trains without sharding constraints.
+    mesh: Mesh | None = None
 
     def train_step(self, state: TrainState, images: jnp.ndarray, labels: jnp.ndarray) -> tuple[TrainState, dict]:
         """One optimiser step. images: uint8 [N, 28, 28, 1]; labels: int32 [N]."""
@@ -91,16 +107,19 @@ class Trainer:
         step_key = jax.random.fold_in(state.key, state.step)
         batch_key, t_key, noise_key, dropout_key, label_key = jax.random.split(step_key, 5)
 
-        # 2. Batch drawn on the device, scaled from uint8 to [-1, 1].
+        # 2. Batch drawn on the device, scaled from uint8 to [-1, 1]. The draws cover the global
+        # batch, then each device keeps its slice of the "data" axis.
         index = jax.random.randint(batch_key, (batch_size,), 0, images.shape[0])
+        index = constrain_batch(index, self.mesh)
         x_start = images[index].astype(jnp.float32) / 127.5 - 1.0
         t = sample_timesteps(t_key, batch_size, self.coeffs.num_timesteps)
         noise = jax.random.normal(noise_key, x_start.shape, jnp.float32)
+        x_start, t, noise = constrain_batch((x_start, t, noise), self.mesh)
         y = None
         if config.model.num_classes > 0:
             y = labels[index].astype(jnp.int32)
             drop = jax.random.bernoulli(label_key, config.train.label_dropout, y.shape)
-            y = jnp.where(drop, config.model.num_classes, y)
+            y = constrain_batch(jnp.where(drop, config.model.num_classes, y), self.mesh)
 
         # 3. Loss and gradient.
         use_dropout = config.model.dropout > 0.0
@@ -120,7 +139,7 @@ class Trainer:
         decay = ema_decay_at(config.train, state.step)
         ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
 
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
         new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state)
         return new_state, metrics
 
@@ -145,12 +164,23 @@ class Trainer:
 
 
 def create_trainer(config: PipelineConfig) -> tuple[Trainer, TrainState]:
-    """Initialise the model, optimiser and training state from ``config.train.seed``."""
+    """Initialise the model, optimiser and training state from ``config.train.seed``.
+
+    The trainer shards batches over every device, and the state is replicated on all of them.
+    When ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` are set, this
+    first joins the multi-process run, so it must then come before any other JAX computation.
+
+    Raises:
+      ValueError: ``train.batch_size`` is not divisible by the number of devices.
+    """
+    maybe_initialize_distributed()
+    mesh = make_mesh()
+    check_batch_size(config.train.batch_size, mesh)
     model = create_model(config.model, config.train.seed)
     graphdef, params = nnx.split(model)
     optimizer = make_optimizer(config.train)
     coeffs = make_coefficients(config.diffusion.schedule, config.diffusion.num_timesteps)
-    trainer = Trainer(config, ModelApply(graphdef), optimizer, coeffs)
+    trainer = Trainer(config, ModelApply(graphdef), optimizer, coeffs, mesh)
     state = TrainState(
         step=jnp.asarray(0, jnp.int32),
         params=params,
@@ -158,12 +188,21 @@ def create_trainer(config: PipelineConfig) -> tuple[Trainer, TrainState]:
         opt_state=optimizer.init(params),
         key=jax.random.fold_in(jax.random.PRNGKey(config.train.seed), TRAIN_KEY_STREAM),
     )
-    return trainer, state
+    return trainer, shard_state(state, mesh)
 
 
 def compile_train_chunk(trainer: Trainer) -> Callable:
-    """Jit ``train_chunk``, donating the old state so its buffers are reused."""
-    return jax.jit(trainer.train_chunk, donate_argnums=0)
+    """Jit ``train_chunk``, donating the old state so its buffers are reused.
+
+    With a mesh, the new state and the metrics come back replicated on every device.
+
+    Raises:
+      ValueError: ``train.batch_size`` is not divisible by the number of devices of the mesh.
+    """
+    if trainer.mesh is None:
+        return jax.jit(trainer.train_chunk, donate_argnums=0)
+    check_batch_size(trainer.config.train.batch_size, trainer.mesh)
+    return jax.jit(trainer.train_chunk, donate_argnums=0, out_shardings=replicated(trainer.mesh))
 
 
 @dataclass
@@ -199,9 +238,14 @@ def run_training(
     step = int(state.step)
     if step % chunk:
         raise ValueError(f"cannot resume at step {step}: not a multiple of steps_per_dispatch={chunk}")
-    images_device = jnp.asarray(images, jnp.uint8)
-    labels_device = jnp.asarray(labels, jnp.int32)
     train_chunk = compile_train_chunk(trainer)
+    if trainer.mesh is None:
+        images_device = jnp.asarray(images, jnp.uint8)
+        labels_device = jnp.asarray(labels, jnp.int32)
+    else:
+        state = shard_state(state, trainer.mesh)
+        images_device = put_replicated(np.asarray(images, np.uint8), trainer.mesh)
+        labels_device = put_replicated(np.asarray(labels, np.int32), trainer.mesh)
     schedule = make_lr_schedule(train_config)
 
     # 1. Compile once, announced with its duration.

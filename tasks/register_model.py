@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import mlflow
 from mlflow import MlflowClient
 from prefect import task
 
+from ddpm_core.config import flatten
 from tasks.common import run_logger
 from tasks.pyfunc_model import INPUT_EXAMPLE, MODEL_ARTIFACT, DdpmSampler
 
@@ -36,8 +38,11 @@ def register_model(model_dir: str, mlflow_run_id: str, model_name: str, tracking
     to it.
     """
     logger = run_logger()
-    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+    config_path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(config_path):
         raise FileNotFoundError(f"no exported model in {model_dir}; run train_model first")
+    with open(config_path, encoding="utf-8") as handle:
+        config = flatten(json.load(handle))
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
 
@@ -52,6 +57,7 @@ def register_model(model_dir: str, mlflow_run_id: str, model_name: str, tracking
                 artifacts={MODEL_ARTIFACT: model_dir},
                 input_example=INPUT_EXAMPLE,
                 extra_pip_requirements=EXTRA_REQUIREMENTS,
+                metadata={"ddpm_config": {key: str(value) for key, value in config.items()}},
             )
         registered = mlflow.register_model(info.model_uri, model_name)
         version = str(registered.version)

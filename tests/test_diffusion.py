@@ -66,7 +66,7 @@ def test_q_sample_matches_closed_form(coeffs, reference, batch):
                                    err_msg=f"t={step}")
 
 
-def test_q_sample_last_step_is_nearly_noise(coeffs, batch):
+def test_q_sample_last_step_near_noise(coeffs, batch):
     x_start, noise, _ = batch
     t = jnp.full((3,), T - 1, jnp.int32)
     x_t = diffusion.q_sample(coeffs, jnp.asarray(x_start, jnp.float32), t, jnp.asarray(noise, jnp.float32))
@@ -174,7 +174,7 @@ def test_min_snr_weights_known_values(coeffs, reference):
         np.testing.assert_allclose(np.asarray(weights), values, rtol=1e-4, err_msg=prediction_type)
 
 
-def test_min_snr_eps_weight_is_one_below_gamma(coeffs):
+def test_min_snr_eps_weight_below_gamma(coeffs):
     t = jnp.array([3, 5, T - 1], jnp.int32)
     weights = diffusion.loss_weights(coeffs, "eps", "min_snr", t, 5.0)
 

@@ -59,7 +59,7 @@ def test_make_grid_places_images_in_row_order():
         assert np.all(cell == 10 * (index + 1)), index
 
 
-def test_make_grid_padding_and_empty_cells_are_black():
+def test_make_grid_padding_is_black():
     grid = make_grid(numbered_images(5), cols=2)
     mask = np.zeros(grid.shape, bool)
     for index in range(5):

@@ -1,7 +1,7 @@
 """Tests for ddpm_core.sampling: the ancestral step, frame schedule, guidance and the full sampler.
 
 Besides a smoke-sized U-Net, the sampler runs with exact noise predictors for data concentrated
-at known points, where the right answer is known in closed form.
+at known points, where the correct result is known in closed form.
 """
 
 from dataclasses import dataclass
@@ -221,15 +221,6 @@ def test_sampler_without_frames_same_images(smoke_apply, coeffs, smoke_samples):
     np.testing.assert_allclose(np.asarray(images), smoke_samples["first"][0], rtol=0, atol=1e-5)
 
 
-def test_point_mass_sampler_returns_center():
-    coeffs = make_coefficients("linear", T)
-    params = {"alphas_cumprod": coeffs.alphas_cumprod, "center": jnp.float32(0.3)}
-
-    images, _ = ddpm_sample(PointMassEps(), params, coeffs, jax.random.PRNGKey(7), SHAPE)
-
-    np.testing.assert_allclose(np.asarray(images), 0.3, rtol=0, atol=1e-4)
-
-
 def test_point_mass_fixed_large_returns_center():
     coeffs = make_coefficients("linear", T)
     params = {"alphas_cumprod": coeffs.alphas_cumprod, "center": jnp.float32(-0.6)}
@@ -239,17 +230,32 @@ def test_point_mass_fixed_large_returns_center():
     np.testing.assert_allclose(np.asarray(images), -0.6, rtol=0, atol=1e-4)
 
 
-def test_point_mass_chain_marginals():
-    # With the exact noise predictor each step draws x_{t-1} from q(x_{t-1} | x_t, x_0 = c), so
-    # every intermediate x follows q(x_{t-1} | x_0 = c) = N(sqrt(ab_prev[t]) c, 1 - ab_prev[t]).
+@pytest.fixture(scope="module")
+def point_mass_run():
+    """Every frame of a cosine T = 100 chain sampled with the exact predictor for the constant 0.1."""
     num_timesteps = 100
     center = 0.1
     coeffs = make_coefficients("cosine", num_timesteps)
     params = {"alphas_cumprod": coeffs.alphas_cumprod, "center": jnp.float32(center)}
-    shape = (8, 28, 28, 1)
+    images, frames = ddpm_sample(PointMassEps(), params, coeffs, jax.random.PRNGKey(9), (8, 28, 28, 1),
+                                 frame_every=1)
+    return {"num_timesteps": num_timesteps, "center": center, "images": np.asarray(images),
+            "frames": np.asarray(frames, np.float64)}
 
-    _, frames = ddpm_sample(PointMassEps(), params, coeffs, jax.random.PRNGKey(9), shape, frame_every=1)
-    frames = np.asarray(frames, np.float64)
+
+def test_point_mass_sampler_returns_center(point_mass_run):
+    images = point_mass_run["images"]
+
+    assert images.shape == (8, 28, 28, 1)
+    np.testing.assert_allclose(images, point_mass_run["center"], rtol=0, atol=1e-4)
+
+
+def test_point_mass_chain_marginals(point_mass_run):
+    # With the exact noise predictor each step draws x_{t-1} from q(x_{t-1} | x_t, x_0 = c), so
+    # every intermediate x follows q(x_{t-1} | x_0 = c) = N(sqrt(ab_prev[t]) c, 1 - ab_prev[t]).
+    num_timesteps = point_mass_run["num_timesteps"]
+    center = point_mass_run["center"]
+    frames = point_mass_run["frames"]
     betas = make_betas("cosine", num_timesteps)
     alphas_cumprod_prev = np.concatenate([[1.0], np.cumprod(1.0 - betas)[:-1]])
 

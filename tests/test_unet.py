@@ -21,8 +21,9 @@ from ddpm_core.unet import (
     timestep_embedding,
 )
 
-# Parameter count of the smoke preset's U-Net (base 8, mults (1, 2), attention at 14 pixels,
-# time embedding 32). Recorded from the implementation; the tests below check parts of it by hand.
+# Parameter count of the smoke preset's U-Net (base 8 channels, channel multipliers (1, 2), attention
+# at 14 pixels, time embedding 32), recorded from the implementation. The tests below check parts of
+# it by hand.
 SMOKE_PARAMETER_COUNT = 44969
 
 
@@ -254,10 +255,10 @@ def test_dropout_identity_without_key():
 def test_dropout_scales_kept_values():
     x = jnp.ones((10_000,))
     dropped = np.asarray(dropout(x, 0.25, jax.random.PRNGKey(0)))
-    kept = dropped != 0.0
+    keep_mask = dropped != 0.0
 
-    np.testing.assert_allclose(dropped[kept], 1.0 / 0.75, rtol=1e-6)
-    assert abs(kept.mean() - 0.75) < 0.02
+    np.testing.assert_allclose(dropped[keep_mask], 1.0 / 0.75, rtol=1e-6)
+    assert abs(keep_mask.mean() - 0.75) < 0.02
 
 
 def test_model_apply_is_hashable(smoke_model):
