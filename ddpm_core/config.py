@@ -110,16 +110,31 @@ class TrainConfig(_Section):
         return self
 
 
+SamplerName = Literal["ddpm", "ddpm_large", "ddim", "dpm_solver_pp"]
+
+
 class SampleConfig(_Section):
     """Sampling and rendering after training."""
 
     num_samples: int = Field(64, ge=1, le=100_000, description="images to generate")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="sampling seed")
+    sampler: SamplerName = Field("ddpm", description="sampler of the GIF and grid")
+    steps: int = Field(0, ge=0, le=4000, description="sampling steps of ddim and dpm_solver_pp; 0 is the sampler's default")
     frame_every: int = Field(20, ge=1, le=4000, description="keep one GIF frame every this many steps")
     grid_cols: int = Field(8, ge=1, le=64, description="images per row in the GIF and PNG grid")
     upscale: int = Field(3, ge=1, le=16, description="pixel upscale factor in the GIF and PNG")
     frame_duration_ms: int = Field(60, ge=10, le=10_000, description="GIF frame duration, in milliseconds")
     final_hold_ms: int = Field(1500, ge=0, le=60_000, description="how long the GIF holds the final frame")
+
+
+class EvalConfig(_Section):
+    """Sample-quality evaluation with an MNIST classifier, deciding champion/challenger promotion."""
+
+    enabled: bool = Field(True, description="evaluate each new model version")
+    num_samples: int = Field(1000, ge=10, le=100_000, description="samples n compared with n test images")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="sampling seed of the evaluation")
+    sampler: SamplerName = Field("ddim", description="sampler used for the evaluation samples")
+    steps: int = Field(50, ge=0, le=4000, description="sampling steps of ddim and dpm_solver_pp; 0 is the sampler's default")
 
 
 class PipelineConfig(_Section):
@@ -130,6 +145,7 @@ class PipelineConfig(_Section):
     diffusion: DiffusionConfig = DiffusionConfig()
     train: TrainConfig = TrainConfig()
     sample: SampleConfig = SampleConfig()
+    eval: EvalConfig = EvalConfig()
 
     def flat(self) -> dict[str, Any]:
         """Flatten to ``{"train.batch_size": 64, ...}`` for logging as MLflow parameters."""
@@ -160,6 +176,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "log_every": 4, "checkpoint_every": 4},
         "sample": {"num_samples": 4, "grid_cols": 2, "frame_every": 5, "upscale": 1,
                    "final_hold_ms": 200},
+        "eval": {"enabled": False},
     },
     # The README's main job: about a quarter of an hour on a 2-core CPU.
     "cpu": {
@@ -169,6 +186,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "ema_decay": 0.995, "steps_per_dispatch": 1, "log_every": 25,
                   "checkpoint_every": 300},
         "sample": {"num_samples": 64, "frame_every": 10},
+        "eval": {"num_samples": 1000, "sampler": "ddim", "steps": 50},
     },
     # Full-quality recipe for a GPU worker.
     "gpu": {
@@ -180,6 +198,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "ema_decay": 0.9999, "steps_per_dispatch": 50, "log_every": 250,
                   "checkpoint_every": 5000},
         "sample": {"num_samples": 64, "frame_every": 20},
+        "eval": {"num_samples": 10_000, "sampler": "ddim", "steps": 100},
     },
 }
 

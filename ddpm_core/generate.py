@@ -10,14 +10,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_core.config import IMAGE_CHANNELS, IMAGE_SIZE, PipelineConfig
-from ddpm_core.sampling import ddim_sample, ddpm_sample
+from ddpm_core.sampling import ddim_sample, ddpm_sample, dpm_solver_pp_sample
 from ddpm_core.schedule import make_coefficients
 from ddpm_core.unet import ModelApply
 
 logger = logging.getLogger(__name__)
 
-SAMPLERS = ("ddpm", "ddpm_large", "ddim")
-Sampler = Literal["ddpm", "ddpm_large", "ddim"]
+SAMPLERS = ("ddpm", "ddpm_large", "ddim", "dpm_solver_pp")
+Sampler = Literal["ddpm", "ddpm_large", "ddim", "dpm_solver_pp"]
+# Steps of "dpm_solver_pp" when steps is 0, capped at T.
+DPM_SOLVER_DEFAULT_STEPS = 20
 # Key stream folded into the sampling seed, apart from the training streams.
 SAMPLE_KEY_STREAM = 2
 
@@ -39,9 +41,11 @@ def generate(
     """Generate ``num_samples`` images in batches of at most ``batch_size``.
 
     Args:
-      sampler: "ddpm" (ancestral, posterior variance), "ddpm_large" (ancestral, beta variance) or
-        "ddim" (deterministic for eta = 0).
-      steps: sampling steps for "ddim" (1 to T); 0 means T. The ancestral samplers always use T.
+      sampler: "ddpm" (ancestral, posterior variance), "ddpm_large" (ancestral, beta variance),
+        "ddim" (deterministic for eta = 0) or "dpm_solver_pp" (DPM-Solver++(2M), deterministic).
+      steps: sampling steps for "ddim" and "dpm_solver_pp" (1 to T). 0 means T for "ddim" and
+        ``min(DPM_SOLVER_DEFAULT_STEPS, T)`` (20) for "dpm_solver_pp". The ancestral samplers
+        always use T.
       frame_every: keep a GIF frame every this many steps (0: none). Frames are returned for the
         first batch only, which bounds memory for large requests.
       digits: labels to request from a class-conditional model, repeated to ``num_samples``.
@@ -58,7 +62,7 @@ def generate(
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
     num_timesteps = config.diffusion.num_timesteps
     if not 0 <= steps <= num_timesteps:
-        raise ValueError(f"steps must be in [0, {num_timesteps}] (0 means {num_timesteps}), got {steps}")
+        raise ValueError(f"steps must be in [0, {num_timesteps}] (0 means the sampler's default), got {steps}")
     num_classes = config.model.num_classes
     labels_all = None
     if digits:
@@ -83,6 +87,10 @@ def generate(
         if sampler == "ddim":
             batch, frames = ddim_sample(apply_fn, params, coeffs, key, shape, num_steps=steps or num_timesteps,
                                         eta=eta, **common)
+        elif sampler == "dpm_solver_pp":
+            num_steps = steps or min(DPM_SOLVER_DEFAULT_STEPS, num_timesteps)
+            batch, frames = dpm_solver_pp_sample(apply_fn, params, coeffs, key, shape, num_steps=num_steps,
+                                                 **common)
         else:
             variance = "fixed_small" if sampler == "ddpm" else "fixed_large"
             batch, frames = ddpm_sample(apply_fn, params, coeffs, key, shape, variance=variance, **common)

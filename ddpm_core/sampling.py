@@ -233,3 +233,108 @@ def ddim_sample(
         return jnp.clip(images, -1.0, 1.0), jnp.zeros((0,) + shape, jnp.float32)
     frames = jnp.concatenate([x_init[None], frames], axis=0)
     return jnp.clip(images, -1.0, 1.0), jnp.clip(frames, -1.0, 1.0)
+
+
+def _log_snr_half(alphas_cumprod: jnp.ndarray) -> jnp.ndarray:
+    """lambda = log(alpha / sigma) = 0.5 * (log(ab) - log(1 - ab)) for alpha = sqrt(ab), sigma = sqrt(1 - ab)."""
+    return 0.5 * (jnp.log(alphas_cumprod) - jnp.log1p(-alphas_cumprod))
+
+
+@partial(jax.jit, static_argnames=("apply_fn", "prediction_type", "shape", "num_steps", "frame_every",
+                                   "guidance_scale", "null_label"))
+def dpm_solver_pp_sample(
+    apply_fn: ApplyFn,
+    params,
+    coeffs: DiffusionCoefficients,
+    key: jax.Array,
+    shape: tuple[int, ...],
+    num_steps: int,
+    prediction_type: str = "eps",
+    frame_every: int = 0,
+    labels: jnp.ndarray | None = None,
+    guidance_scale: float = 0.0,
+    null_label: int = 0,
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Generate images with the multistep DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2).
+
+    The solver integrates the probability-flow ODE in lambda = log(alpha / sigma), with
+    alpha = sqrt(alphas_cumprod) and sigma = sqrt(1 - alphas_cumprod), using the network's data
+    prediction x_0 clipped to [-1, 1]. It evaluates the network once per step, at the timesteps
+    ``ddim_timesteps(T, num_steps)``. Step i goes from timestep t_i to t_{i+1}, and the last step
+    goes from t = 0 to the clean image (alpha = 1, sigma = 0). With h = lambda_next - lambda_cur,
+    a step is
+
+        x_next = (sigma_next / sigma_cur) x_cur - alpha_next (exp(-h) - 1) D,
+
+    where D is the current x_0 prediction (first order) or, with r = h_prev / h, the second-order
+    correction D = (1 + 1 / (2 r)) x0_cur - (1 / (2 r)) x0_prev. The first step has no previous
+    prediction and the last step has h = infinity, so both are first order. The last step then
+    returns the x_0 prediction at t = 0. The sampler is deterministic given the initial noise,
+    which comes from ``fold_in(key, T)`` as in ``ddim_sample``. Arguments and returns are as for
+    ``ddim_sample``.
+    """
+    model_fn = guided_model_fn(apply_fn, params, labels, guidance_scale, null_label)
+    num_timesteps = coeffs.num_timesteps
+    timesteps = ddim_timesteps(num_timesteps, num_steps)
+    following = np.append(timesteps[1:], -1).astype(np.int32)
+    preceding = np.insert(timesteps[:-1], 0, -1).astype(np.int32)
+    # Second order needs a previous prediction (not at the first step) and a finite h (not at the last).
+    second_order = np.zeros(num_steps, bool)
+    second_order[1:-1] = True
+    x_init = jax.random.normal(jax.random.fold_in(key, num_timesteps), shape, jnp.float32)
+    alphas_cumprod = coeffs.alphas_cumprod
+
+    def step(carry, inputs):
+        x_t, x_start_prev = carry
+        t, t_next, t_prev, use_second_order = inputs
+        valid = t >= 0
+        t_safe = jnp.maximum(t, 0)
+        t_batch = jnp.full((shape[0],), t_safe, jnp.int32)
+        x_start, _ = split_model_output(coeffs, prediction_type, model_fn(x_t, t_batch), x_t, t_batch)
+        x_start = jnp.clip(x_start, -1.0, 1.0)
+
+        ab_cur = alphas_cumprod[t_safe]
+        # The final target t_next = -1 is the clean image: alphas_cumprod = 1.
+        ab_next = jnp.where(t_next >= 0, alphas_cumprod[jnp.maximum(t_next, 0)], 1.0)
+        sigma_cur, sigma_next = jnp.sqrt(1.0 - ab_cur), jnp.sqrt(1.0 - ab_next)
+        alpha_cur, alpha_next = jnp.sqrt(ab_cur), jnp.sqrt(ab_next)
+
+        # r = h_prev / h. Placeholder timesteps make both h finite on first-order steps, where r
+        # is unused, so no inf or NaN enters the arithmetic.
+        lambda_cur = _log_snr_half(ab_cur)
+        lambda_next = _log_snr_half(alphas_cumprod[jnp.where(use_second_order, t_next, 0)])
+        lambda_prev = _log_snr_half(alphas_cumprod[jnp.where(use_second_order, t_prev, num_timesteps - 1)])
+        h = jnp.where(use_second_order, lambda_next - lambda_cur, 1.0)
+        h_prev = jnp.where(use_second_order, lambda_cur - lambda_prev, 1.0)
+        half_inverse_r = 0.5 * h / h_prev
+        correction = half_inverse_r * (x_start - x_start_prev)
+        data_term = jnp.where(use_second_order, x_start + correction, x_start)
+
+        # -alpha_next (exp(-h) - 1) = alpha_next - alpha_cur * sigma_next / sigma_cur, since
+        # exp(-h) = alpha_cur sigma_next / (sigma_cur alpha_next). This form stays finite at sigma_next = 0.
+        x_next = (sigma_next / sigma_cur) * x_t + (alpha_next - alpha_cur * sigma_next / sigma_cur) * data_term
+        # Padding entries (t = -1) leave the state unchanged.
+        return (jnp.where(valid, x_next, x_t), jnp.where(valid, x_start, x_start_prev)), None
+
+    keep_frames = frame_every > 0
+    frame_every = frame_every if keep_frames else num_steps
+    num_frames = -(-num_steps // frame_every)
+    padding = num_frames * frame_every - num_steps
+    pad = np.full(padding, -1, np.int32)
+    inputs = (
+        np.concatenate([pad, timesteps]).reshape(num_frames, frame_every),
+        np.concatenate([pad, following]).reshape(num_frames, frame_every),
+        np.concatenate([pad, preceding]).reshape(num_frames, frame_every),
+        np.concatenate([np.zeros(padding, bool), second_order]).reshape(num_frames, frame_every),
+    )
+
+    def chunk(carry, chunk_inputs):
+        carry, _ = jax.lax.scan(step, carry, chunk_inputs)
+        return carry, carry[0]
+
+    (images, _), frames = jax.lax.scan(chunk, (x_init, jnp.zeros(shape, jnp.float32)),
+                                       tuple(jnp.asarray(a) for a in inputs))
+    if not keep_frames:
+        return jnp.clip(images, -1.0, 1.0), jnp.zeros((0,) + shape, jnp.float32)
+    frames = jnp.concatenate([x_init[None], frames], axis=0)
+    return jnp.clip(images, -1.0, 1.0), jnp.clip(frames, -1.0, 1.0)

@@ -17,7 +17,7 @@ TELEMETRY_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
 }
 TASK_NAMES = ("prepare-dataset", "train-model", "register-model", "sample-images", "render-gif")
-SAMPLER_CHOICES = ("ddpm", "ddpm_large", "ddim")
+SAMPLER_CHOICES = ("ddpm", "ddpm_large", "ddim", "dpm_solver_pp")
 
 logger = logging.getLogger("ddpm")
 
@@ -57,10 +57,10 @@ def _add_sampling_options(parser: argparse.ArgumentParser, defaults: dict[str, A
                         help="sampling seed; the same seed gives the same images (default: %(default)s)")
     parser.add_argument("--sampler", choices=SAMPLER_CHOICES, default="ddpm",
                         help="ddpm: ancestral with posterior variance; ddpm_large: ancestral with beta variance; "
-                             "ddim: DDIM, deterministic when --eta is 0 (default: %(default)s)")
+                             "ddim: DDIM, deterministic when --eta is 0; dpm_solver_pp: DPM-Solver++(2M) (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=0,
-                        help="DDIM sampling steps, 1 to T; 0 uses all T steps. Ancestral samplers always use T "
-                             "(default: %(default)s)")
+                        help="sampling steps of ddim and dpm_solver_pp, 1 to T; 0 is the sampler's default (T for "
+                             "ddim, 20 for dpm_solver_pp). Ancestral samplers always use T (default: %(default)s)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale, 0 to 1 (default: %(default)s)")
     parser.add_argument("--frame-every", type=int, default=defaults.get("frame_every", 20),
                         help="keep one GIF frame every this many sampling steps (default: %(default)s)")
@@ -102,15 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--run-name", metavar="NAME",
                        help="run folder name; an existing run folder resumes from its latest checkpoint "
                             "(default: PRESET-DATE-TIME)")
-    train.add_argument("--alias", default="newest",
-                       help="registry alias moved to the new model version (default: %(default)s)")
+    train.add_argument("--classifier-dir", default="classifier", metavar="DIR",
+                       help="cache of the MNIST classifier used for evaluation (default: %(default)s)")
     _add_mlflow_option(train)
 
     # ddpm sample
     sample = commands.add_parser("sample", help="sample a GIF and a PNG grid from a registered model",
                                  description="Generate images from a registered model and log them to a new "
                                              "MLflow run.")
-    sample.add_argument("model", nargs="?", default="@newest",
+    sample.add_argument("model", nargs="?", default="@champion",
                         help="NAME@alias, NAME/VERSION, @alias, a version number, or a models:/ URI "
                              "(default: %(default)s)")
     _add_sampling_options(sample, {})
@@ -148,7 +148,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     result = train_pipeline(preset=args.preset, overrides=overrides, mnist_dir=args.mnist_dir,
                             data_dir=args.data_dir, output_dir=args.output_dir, run_name=args.run_name,
-                            mlflow_config=args.mlflow_config, model_alias=args.alias)
+                            mlflow_config=args.mlflow_config, classifier_dir=args.classifier_dir)
     print(json.dumps(result, indent=2))
     return 0
 

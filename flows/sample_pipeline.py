@@ -17,7 +17,7 @@ from tasks.tracking import PREFECT_FLOW_RUN_TAG, end_run, start_run
 
 @flow(name="sample_pipeline")
 def sample_pipeline(
-    model: str = "@newest",
+    model: str = "@champion",
     num_samples: int = 64,
     seed: int = 0,
     sampler: str = "ddpm",

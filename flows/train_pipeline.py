@@ -13,6 +13,8 @@ from prefect.runtime import flow_run
 from ddpm_core.config import make_config
 from tasks import prepare_dataset, register_model, render_gif, sample_images, train_model
 from tasks.common import run_logger
+from tasks.evaluate_model import evaluate_model
+from tasks.promote_model import CHALLENGER, promote_model
 from tasks.settings import load_mlflow_settings, read_manifest, update_manifest
 from tasks.tracking import PREFECT_FLOW_RUN_TAG, end_run, start_run, tag_run
 
@@ -31,7 +33,7 @@ def train_pipeline(
     output_dir: str = "outputs",
     run_name: str | None = None,
     mlflow_config: str | None = None,
-    model_alias: str = "newest",
+    classifier_dir: str = "classifier",
 ) -> dict[str, str]:
     """Train a DDPM on MNIST and register it.
 
@@ -44,10 +46,13 @@ def train_pipeline(
       output_dir: parent folder of the run folders (checkpoints, exported model, samples).
       run_name: name of the run folder; an existing one is resumed from its latest checkpoint.
       mlflow_config: path of the MLflow settings file (default ``./mlflow.yaml``).
-      model_alias: registry alias moved to the new version.
+      classifier_dir: cache of the MNIST classifier behind the evaluation metrics.
+
+    Every new version becomes the "challenger"; it becomes the "champion" when it is the first
+    version or beats the champion's Fréchet distance at the same sample count and seed.
 
     Returns:
-      Run folder, MLflow run id, registered model version, and the GIF and PNG paths.
+      Run folder, MLflow run id, registered model version, its alias, and the GIF and PNG paths.
     """
     logger = run_logger()
 
@@ -83,14 +88,24 @@ def train_pipeline(
         update_manifest(run_dir, model_dir=model_dir)
 
         version = register_model(model_dir, mlflow_run_id, settings.registered_model_name, tracking_uri,
-                                 alias=model_alias, flow_run_id=flow_run_id)
+                                 alias=CHALLENGER, flow_run_id=flow_run_id)
         model_uri = f"models:/{settings.registered_model_name}/{version}"
         update_manifest(run_dir, model_version=version, model_uri=model_uri)
 
+        metrics = None
+        if config.eval.enabled:
+            evaluation = config.eval
+            metrics = evaluate_model(model_uri, tracking_uri, dataset_dir, os.path.abspath(classifier_dir),
+                                     mlflow_run_id, num_samples=evaluation.num_samples, seed=evaluation.seed,
+                                     sampler=evaluation.sampler, steps=evaluation.steps)
+            update_manifest(run_dir, metrics=metrics)
+        alias = promote_model(settings.registered_model_name, version, tracking_uri, metrics, mlflow_run_id)
+        update_manifest(run_dir, model_alias=alias)
+
         sample = config.sample
         samples_path = sample_images(model_uri, tracking_uri, os.path.join(run_dir, "samples"),
-                                     num_samples=sample.num_samples, seed=sample.seed,
-                                     frame_every=sample.frame_every)
+                                     num_samples=sample.num_samples, seed=sample.seed, sampler=sample.sampler,
+                                     steps=sample.steps, frame_every=sample.frame_every)
         update_manifest(run_dir, samples_path=samples_path)
 
         gif_path, png_path = render_gif(samples_path, os.path.join(run_dir, "samples"), mlflow_run_id,
@@ -105,4 +120,4 @@ def train_pipeline(
 
     logger.info("Done: %s version %s, GIF %s", settings.registered_model_name, version, gif_path)
     return {"run_dir": run_dir, "mlflow_run_id": mlflow_run_id, "model_version": version,
-            "model_uri": model_uri, "gif_path": gif_path, "png_path": png_path}
+            "model_uri": model_uri, "model_alias": alias, "gif_path": gif_path, "png_path": png_path}

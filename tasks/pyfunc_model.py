@@ -15,14 +15,28 @@ from typing import Any
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+from mlflow.models import ModelSignature
+from mlflow.types.schema import ColSpec, Schema, TensorSpec
 
 MODEL_ARTIFACT = "model"
 INPUT_EXAMPLE = pd.DataFrame({"num_samples": [4], "seed": [0], "sampler": ["ddpm"], "steps": [0]})
+SIGNATURE = ModelSignature(
+    inputs=Schema([
+        ColSpec("long", "num_samples"),
+        ColSpec("long", "seed", required=False),
+        ColSpec("string", "sampler", required=False),
+        ColSpec("long", "steps", required=False),
+        ColSpec("double", "eta", required=False),
+        ColSpec("string", "digits", required=False),
+        ColSpec("double", "guidance_scale", required=False),
+    ]),
+    outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 28, 28, 1))]),
+)
 
 
 def parse_digits(value: Any) -> list[int] | None:
     """Parse "2,7,3" (or a list) into [2, 7, 3]; empty or missing gives None."""
-    if value is None or (isinstance(value, float) and np.isnan(value)):
+    if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA:
         return None
     if isinstance(value, str):
         parts = [part.strip() for part in value.replace(" ", ",").split(",") if part.strip()]
@@ -31,6 +45,14 @@ def parse_digits(value: Any) -> list[int] | None:
         except ValueError:
             raise ValueError(f"digits must be integers separated by commas, got {value!r}") from None
     return [int(item) for item in value] or None
+
+
+def _field(row: dict[str, Any], key: str, default: Any) -> Any:
+    """Value of an optional request column; missing, None and NaN give ``default``."""
+    value = row.get(key)
+    if value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value)):
+        return default
+    return value
 
 
 class DdpmSampler(mlflow.pyfunc.PythonModel):
@@ -54,11 +76,11 @@ class DdpmSampler(mlflow.pyfunc.PythonModel):
             self.params,
             self.config,
             num_samples=int(row["num_samples"]),
-            seed=int(row.get("seed", 0)),
-            sampler=str(row.get("sampler", "ddpm")),
-            steps=int(row.get("steps", 0)),
-            eta=float(row.get("eta", 0.0)),
+            seed=int(_field(row, "seed", 0)),
+            sampler=str(_field(row, "sampler", "ddpm")),
+            steps=int(_field(row, "steps", 0)),
+            eta=float(_field(row, "eta", 0.0)),
             digits=parse_digits(row.get("digits")),
-            guidance_scale=float(row.get("guidance_scale", 0.0)),
+            guidance_scale=float(_field(row, "guidance_scale", 0.0)),
         )
         return images

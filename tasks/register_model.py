@@ -11,7 +11,7 @@ from prefect import task
 
 from ddpm_core.config import flatten
 from tasks.common import run_logger
-from tasks.pyfunc_model import INPUT_EXAMPLE, MODEL_ARTIFACT, DdpmSampler
+from tasks.pyfunc_model import INPUT_EXAMPLE, MODEL_ARTIFACT, SIGNATURE, DdpmSampler
 
 PREFECT_FLOW_RUN_TAG = "prefect_flow_run_id"
 MLFLOW_RUN_TAG = "mlflow_run_id"
@@ -30,7 +30,7 @@ def find_version_of_run(client: MlflowClient, model_name: str, run_id: str) -> s
 
 @task(name="register_model", retries=2, retry_delay_seconds=5)
 def register_model(model_dir: str, mlflow_run_id: str, model_name: str, tracking_uri: str,
-                   alias: str = "newest", flow_run_id: str | None = None) -> str:
+                   alias: str = "challenger", flow_run_id: str | None = None) -> str:
     """Log ``model_dir`` as a pyfunc model of the run and register it; return the version number.
 
     Calling it again for the same run returns the existing version instead of adding one. The
@@ -56,6 +56,7 @@ def register_model(model_dir: str, mlflow_run_id: str, model_name: str, tracking
                 python_model=DdpmSampler(),
                 artifacts={MODEL_ARTIFACT: model_dir},
                 input_example=INPUT_EXAMPLE,
+                signature=SIGNATURE,
                 extra_pip_requirements=EXTRA_REQUIREMENTS,
                 metadata={"ddpm_config": {key: str(value) for key, value in config.items()}},
             )

@@ -14,6 +14,7 @@ from PIL import Image
 from flows.cli import main as cli_main
 from flows.sample_pipeline import sample_pipeline
 from flows.train_pipeline import train_pipeline
+from tasks.promote_model import decide, promote_model
 from tasks.register_model import MLFLOW_RUN_TAG, PREFECT_FLOW_RUN_TAG, register_model
 from tasks.settings import load_mlflow_settings, read_manifest
 
@@ -42,7 +43,7 @@ def test_pipeline_registers_one_version(smoke_run):
     client = MlflowClient(settings.resolved_tracking_uri())
     versions = client.search_model_versions(f"name = '{settings.registered_model_name}'")
     assert len(versions) == 1
-    assert versions[0].version == smoke_run["result"]["model_version"]
+    assert str(versions[0].version) == smoke_run["result"]["model_version"]
     assert versions[0].run_id == smoke_run["result"]["mlflow_run_id"]
 
 
@@ -52,8 +53,12 @@ def test_version_tagged_with_run_ids(smoke_run):
     version = client.get_model_version(settings.registered_model_name, smoke_run["result"]["model_version"])
     assert version.tags[MLFLOW_RUN_TAG] == smoke_run["result"]["mlflow_run_id"]
     assert version.tags[PREFECT_FLOW_RUN_TAG]
-    alias = client.get_model_version_by_alias(settings.registered_model_name, "newest")
-    assert alias.version == version.version
+    challenger = client.get_model_version_by_alias(settings.registered_model_name, "challenger")
+    assert str(challenger.version) == str(version.version)
+    # The first version becomes champion even without an evaluation.
+    champion = client.get_model_version_by_alias(settings.registered_model_name, "champion")
+    assert str(champion.version) == str(version.version)
+    assert smoke_run["result"]["model_alias"] == "champion"
 
 
 def test_run_has_params_metrics_artifacts(smoke_run):
@@ -83,7 +88,7 @@ def test_gif_has_all_frames(smoke_run):
 def test_pyfunc_model_generates_images(smoke_run):
     settings = smoke_run["settings"]
     mlflow.set_tracking_uri(settings.resolved_tracking_uri())
-    model = mlflow.pyfunc.load_model(f"models:/{settings.registered_model_name}@newest")
+    model = mlflow.pyfunc.load_model(f"models:/{settings.registered_model_name}@champion")
     import pandas as pd
 
     images = model.predict(pd.DataFrame({"num_samples": [3], "seed": [1]}))
@@ -107,7 +112,7 @@ def test_register_again_adds_no_version(smoke_run):
 
 
 def test_sample_pipeline_from_alias(smoke_run):
-    result = sample_pipeline(model="@newest", num_samples=2, seed=3, sampler="ddim", steps=4, frame_every=2,
+    result = sample_pipeline(model="@champion", num_samples=2, seed=3, sampler="ddim", steps=4, frame_every=2,
                              grid_cols=2, upscale=1, output_dir=str(smoke_run["root"] / "samples"),
                              mlflow_config=smoke_run["settings_path"])
     with np.load(result["samples_path"]) as samples:
@@ -139,3 +144,51 @@ def test_cli_task_needs_manifest(tmp_path, capsys):
     status = cli_main(["task", "train-model", "--run-dir", str(tmp_path)])
     assert status == 2
     assert "run.json" in capsys.readouterr().err
+
+
+def _register_from_new_run(smoke_run) -> str:
+    """Register the smoke run's exported model again from a new MLflow run; return the version."""
+    settings = smoke_run["settings"]
+    client = MlflowClient(settings.resolved_tracking_uri())
+    experiment = client.get_experiment_by_name(settings.experiment_name)
+    run_id = client.create_run(experiment.experiment_id).info.run_id
+    manifest = read_manifest(smoke_run["result"]["run_dir"])
+    return register_model.fn(manifest["model_dir"], run_id, settings.registered_model_name,
+                             settings.resolved_tracking_uri())
+
+
+def test_champion_changes_only_on_better_fd(smoke_run):
+    settings = smoke_run["settings"]
+    name = settings.registered_model_name
+    uri = settings.resolved_tracking_uri()
+    client = MlflowClient(uri)
+    first = smoke_run["result"]["model_version"]
+    measured = {"eval.frechet_distance": 10.0, "eval.n": 100, "eval.seed": 0}
+    assert promote_model.fn(name, first, uri, measured) == "champion"
+
+    worse = _register_from_new_run(smoke_run)
+    outcome = promote_model.fn(name, worse, uri, {**measured, "eval.frechet_distance": 12.0})
+    assert outcome == "challenger"
+    assert str(client.get_model_version_by_alias(name, "champion").version) == first
+    assert str(client.get_model_version_by_alias(name, "challenger").version) == worse
+
+    other_n = _register_from_new_run(smoke_run)
+    outcome = promote_model.fn(name, other_n, uri, {**measured, "eval.frechet_distance": 1.0, "eval.n": 50})
+    assert outcome == "challenger"
+
+    better = _register_from_new_run(smoke_run)
+    outcome = promote_model.fn(name, better, uri, {**measured, "eval.frechet_distance": 8.5})
+    assert outcome == "champion"
+    assert str(client.get_model_version_by_alias(name, "champion").version) == better
+    tags = client.get_model_version(name, better).tags
+    assert tags["eval.frechet_distance"] == "8.5"
+    assert tags["promotion.decision"] == "champion"
+
+
+def test_decide_needs_same_n_and_seed():
+    champion = {"eval.frechet_distance": "5.0", "eval.n": "1000", "eval.seed": "0"}
+    assert decide({"eval.frechet_distance": 4.0, "eval.n": 1000, "eval.seed": 0}, champion)[0] is True
+    assert decide({"eval.frechet_distance": 4.0, "eval.n": 1000, "eval.seed": 1}, champion)[0] is False
+    assert decide({"eval.frechet_distance": 6.0, "eval.n": 1000, "eval.seed": 0}, champion)[0] is False
+    assert decide(None, champion)[0] is False
+    assert decide(None, None)[0] is True

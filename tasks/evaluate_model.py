@@ -1,0 +1,76 @@
+"""Task: score a registered model's samples with the MNIST-classifier metrics of ``ddpm_core.evaluate``."""
+
+from __future__ import annotations
+
+import time
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, RunTag
+from prefect import task
+from prefect.artifacts import create_table_artifact
+from prefect.context import TaskRunContext
+
+from ddpm_core.classifier import load_or_train_classifier
+from ddpm_core.data import load_split
+from ddpm_core.evaluate import evaluate_samples
+from ddpm_core.generate import generate
+from tasks.common import run_logger
+from tasks.sample_images import load_registered
+
+ARTIFACT_KEY = "sample-evaluation"
+
+
+@task(name="evaluate_model", retries=1, retry_delay_seconds=5)
+def evaluate_model(model_uri: str, tracking_uri: str, dataset_dir: str, cache_dir: str,
+                   mlflow_run_id: str | None = None, num_samples: int = 1000, seed: int = 0,
+                   sampler: str = "ddpm", steps: int = 0, batch_size: int = 256) -> dict[str, float]:
+    """Generate ``num_samples`` images from ``model_uri`` and score them against MNIST.
+
+    The classifier behind the metrics is loaded from ``cache_dir``, or trained there on the
+    first call for a dataset (a few minutes on a CPU). The Fréchet distances use n =
+    ``num_samples`` images per set. Metrics are logged to the MLflow run ``mlflow_run_id`` when
+    given, and shown as a Prefect table artifact when the task runs inside a flow.
+
+    Returns:
+      the metrics, named as in ``EvalResult.metrics`` (``eval.frechet_distance`` and so on).
+    """
+    logger = run_logger()
+    apply_fn, params, config = load_registered(model_uri, tracking_uri)
+
+    start = time.perf_counter()
+    samples, _ = generate(apply_fn, params, config, num_samples=num_samples, seed=seed, sampler=sampler,
+                          steps=steps, batch_size=batch_size)
+    logger.info("Generated %d samples from %s with %s in %.0f s", num_samples, model_uri, sampler,
+                time.perf_counter() - start)
+
+    classifier = load_or_train_classifier(dataset_dir, cache_dir)
+    train_images, _ = load_split(dataset_dir, "train")
+    test_images, _ = load_split(dataset_dir, "test")
+    result = evaluate_samples(samples, classifier, test_images, train_images, n=num_samples, seed=seed)
+    metrics = result.metrics()
+    logger.info("Evaluation of %d samples: Fréchet distance %.3f (real-data floor %.3f), confident share %.3f, "
+                "class KL %.4f, nearest-training-image median %.3f", result.n, result.frechet_distance,
+                result.real_floor, result.confident_share, result.class_kl_from_uniform,
+                result.nearest_train_median)
+
+    if mlflow_run_id:
+        timestamp_ms = int(time.time() * 1000)
+        client = MlflowClient(tracking_uri)
+        client.log_batch(
+            mlflow_run_id,
+            metrics=[Metric(name, value, timestamp_ms, 0) for name, value in metrics.items()],
+            tags=[RunTag("eval.model_uri", model_uri), RunTag("eval.sampler", sampler),
+                  RunTag("eval.steps", str(steps)), RunTag("eval.seed", str(seed))],
+        )
+        logger.info("Logged %d evaluation metrics to MLflow run %s", len(metrics), mlflow_run_id)
+
+    # Artifacts belong to a task run; a direct call through .fn has none, so it skips the table.
+    if TaskRunContext.get() is not None:
+        create_table_artifact(
+            table=[{"metric": name, "value": round(value, 6)} for name, value in metrics.items()],
+            key=ARTIFACT_KEY,
+            description=f"Sample quality of {model_uri} ({num_samples} samples, sampler {sampler}, seed {seed})",
+        )
+    else:
+        logger.info("Not in a Prefect task run; skipped the %s table artifact", ARTIFACT_KEY)
+    return metrics
