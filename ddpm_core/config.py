@@ -182,11 +182,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {
         "model": {"base_channels": 16, "channel_mults": (1, 2, 2), "num_groups": 8, "attention_resolutions": (7,)},
         "diffusion": {"num_timesteps": 500, "schedule": "linear"},
-        "train": {"steps": 1800, "batch_size": 64, "learning_rate": 2e-3, "warmup_steps": 100,
+        "train": {"steps": 1700, "batch_size": 64, "learning_rate": 2e-3, "warmup_steps": 100,
                   "ema_decay": 0.995, "steps_per_dispatch": 1, "log_every": 25,
                   "checkpoint_every": 300},
         "sample": {"num_samples": 64, "frame_every": 10},
-        "eval": {"num_samples": 1000, "sampler": "ddim", "steps": 50},
+        "eval": {"num_samples": 1000, "sampler": "ddim", "steps": 25},
     },
     # Full-quality recipe for a GPU worker.
     "gpu": {

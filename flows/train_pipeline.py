@@ -98,6 +98,7 @@ def train_pipeline(
             metrics = evaluate_model(model_uri, tracking_uri, dataset_dir, os.path.abspath(classifier_dir),
                                      mlflow_run_id, num_samples=evaluation.num_samples, seed=evaluation.seed,
                                      sampler=evaluation.sampler, steps=evaluation.steps)
+            metrics = {**metrics, "eval.seed": float(evaluation.seed)}
             update_manifest(run_dir, metrics=metrics)
         alias = promote_model(settings.registered_model_name, version, tracking_uri, metrics, mlflow_run_id)
         update_manifest(run_dir, model_alias=alias)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from mlflow import MlflowClient
@@ -10,7 +11,7 @@ from prefect import task
 from prefect.artifacts import create_table_artifact
 from prefect.context import TaskRunContext
 
-from ddpm_core.classifier import load_or_train_classifier
+from ddpm_core.classifier import classifier_dir, load_or_train_classifier
 from ddpm_core.data import load_split
 from ddpm_core.evaluate import evaluate_samples
 from ddpm_core.generate import generate
@@ -32,7 +33,8 @@ def evaluate_model(model_uri: str, tracking_uri: str, dataset_dir: str, cache_di
     given, and shown as a Prefect table artifact when the task runs inside a flow.
 
     Returns:
-      the metrics, named as in ``EvalResult.metrics`` (``eval.frechet_distance`` and so on).
+      the metrics of ``EvalResult.metrics`` (``eval.frechet_distance``, ``eval.n`` and so on),
+      plus ``eval.seed`` and ``eval.classifier_test_accuracy``, all as floats.
     """
     logger = run_logger()
     apply_fn, params, config = load_registered(model_uri, tracking_uri)
@@ -48,6 +50,10 @@ def evaluate_model(model_uri: str, tracking_uri: str, dataset_dir: str, cache_di
     test_images, _ = load_split(dataset_dir, "test")
     result = evaluate_samples(samples, classifier, test_images, train_images, n=num_samples, seed=seed)
     metrics = result.metrics()
+    metrics["eval.seed"] = float(seed)
+    # Feature scales differ between classifiers, so Fréchet distances compare only under one classifier.
+    metrics["eval.classifier_test_accuracy"] = classifier.test_accuracy
+    classifier_name = os.path.basename(classifier_dir(dataset_dir, cache_dir))
     logger.info("Evaluation of %d samples: Fréchet distance %.3f (real-data floor %.3f), confident share %.3f, "
                 "class KL %.4f, nearest-training-image median %.3f", result.n, result.frechet_distance,
                 result.real_floor, result.confident_share, result.class_kl_from_uniform,
@@ -60,11 +66,12 @@ def evaluate_model(model_uri: str, tracking_uri: str, dataset_dir: str, cache_di
             mlflow_run_id,
             metrics=[Metric(name, value, timestamp_ms, 0) for name, value in metrics.items()],
             tags=[RunTag("eval.model_uri", model_uri), RunTag("eval.sampler", sampler),
-                  RunTag("eval.steps", str(steps)), RunTag("eval.seed", str(seed))],
+                  RunTag("eval.steps", str(steps)), RunTag("eval.seed", str(seed)),
+                  RunTag("eval.classifier", classifier_name)],
         )
         logger.info("Logged %d evaluation metrics to MLflow run %s", len(metrics), mlflow_run_id)
 
-    # Artifacts belong to a task run; a direct call through .fn has none, so it skips the table.
+    # Artifacts belong to a task run. A direct call through .fn has none, so it skips the table.
     if TaskRunContext.get() is not None:
         create_table_artifact(
             table=[{"metric": name, "value": round(value, 6)} for name, value in metrics.items()],

@@ -12,6 +12,9 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 # The metric that decides promotion; lower is better.
 DECIDING_METRIC = "eval.frechet_distance"
+# The Fréchet distance is only comparable at the same sample count and seed.
+SAMPLE_COUNT = "eval.num_samples"
+SAMPLE_SEED = "eval.seed"
 
 
 def current_champion(client: MlflowClient, model_name: str):
@@ -34,7 +37,7 @@ def decide(metrics: dict[str, float] | None, champion_tags: dict[str, str] | Non
         return False, "challenger was not evaluated"
     if DECIDING_METRIC not in champion_tags:
         return False, "champion has no evaluation to compare with"
-    for key in ("eval.n", "eval.seed"):
+    for key in (SAMPLE_COUNT, SAMPLE_SEED):
         if str(champion_tags.get(key)) != str(int(metrics.get(key, -1))):
             return False, f"{key} differs from the champion's ({champion_tags.get(key)} vs {int(metrics.get(key, -1))})"
     challenger_fd = float(metrics[DECIDING_METRIC])
@@ -58,7 +61,7 @@ def promote_model(model_name: str, version: str, tracking_uri: str, metrics: dic
     # 1. Challenger alias and metric tags on the version.
     client.set_registered_model_alias(model_name, CHALLENGER, version)
     for key, value in (metrics or {}).items():
-        text = str(int(value)) if key in ("eval.n", "eval.seed") else f"{value:.6g}"
+        text = str(int(value)) if key in (SAMPLE_COUNT, SAMPLE_SEED) else f"{value:.6g}"
         client.set_model_version_tag(model_name, version, key, text)
 
     # 2. Compare with the champion.

@@ -163,7 +163,7 @@ def test_champion_changes_only_on_better_fd(smoke_run):
     uri = settings.resolved_tracking_uri()
     client = MlflowClient(uri)
     first = smoke_run["result"]["model_version"]
-    measured = {"eval.frechet_distance": 10.0, "eval.n": 100, "eval.seed": 0}
+    measured = {"eval.frechet_distance": 10.0, "eval.num_samples": 100, "eval.seed": 0}
     assert promote_model.fn(name, first, uri, measured) == "champion"
 
     worse = _register_from_new_run(smoke_run)
@@ -173,7 +173,7 @@ def test_champion_changes_only_on_better_fd(smoke_run):
     assert str(client.get_model_version_by_alias(name, "challenger").version) == worse
 
     other_n = _register_from_new_run(smoke_run)
-    outcome = promote_model.fn(name, other_n, uri, {**measured, "eval.frechet_distance": 1.0, "eval.n": 50})
+    outcome = promote_model.fn(name, other_n, uri, {**measured, "eval.frechet_distance": 1.0, "eval.num_samples": 50})
     assert outcome == "challenger"
 
     better = _register_from_new_run(smoke_run)
@@ -186,9 +186,9 @@ def test_champion_changes_only_on_better_fd(smoke_run):
 
 
 def test_decide_needs_same_n_and_seed():
-    champion = {"eval.frechet_distance": "5.0", "eval.n": "1000", "eval.seed": "0"}
-    assert decide({"eval.frechet_distance": 4.0, "eval.n": 1000, "eval.seed": 0}, champion)[0] is True
-    assert decide({"eval.frechet_distance": 4.0, "eval.n": 1000, "eval.seed": 1}, champion)[0] is False
-    assert decide({"eval.frechet_distance": 6.0, "eval.n": 1000, "eval.seed": 0}, champion)[0] is False
+    champion = {"eval.frechet_distance": "5.0", "eval.num_samples": "1000", "eval.seed": "0"}
+    assert decide({"eval.frechet_distance": 4.0, "eval.num_samples": 1000, "eval.seed": 0}, champion)[0] is True
+    assert decide({"eval.frechet_distance": 4.0, "eval.num_samples": 1000, "eval.seed": 1}, champion)[0] is False
+    assert decide({"eval.frechet_distance": 6.0, "eval.num_samples": 1000, "eval.seed": 0}, champion)[0] is False
     assert decide(None, champion)[0] is False
     assert decide(None, None)[0] is True
