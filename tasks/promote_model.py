@@ -12,9 +12,17 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 # The metric that decides promotion; lower is better.
 DECIDING_METRIC = "eval.frechet_distance"
-# The Fréchet distance is only comparable at the same sample count and seed.
+# The Fréchet distance is only comparable at the same sample count and seed, under the same
+# classifier (identified by its test accuracy, since a dataset version has one cached classifier).
 SAMPLE_COUNT = "eval.num_samples"
 SAMPLE_SEED = "eval.seed"
+CLASSIFIER_ACCURACY = "eval.classifier_test_accuracy"
+MATCHING_KEYS = (SAMPLE_COUNT, SAMPLE_SEED, CLASSIFIER_ACCURACY)
+
+
+def tag_text(key: str, value: float) -> str:
+    """Text of a metric as stored in a version tag; counts and seeds as integers."""
+    return str(int(value)) if key in (SAMPLE_COUNT, SAMPLE_SEED) else f"{value:.6g}"
 
 
 def current_champion(client: MlflowClient, model_name: str):
@@ -37,9 +45,12 @@ def decide(metrics: dict[str, float] | None, champion_tags: dict[str, str] | Non
         return False, "challenger was not evaluated"
     if DECIDING_METRIC not in champion_tags:
         return False, "champion has no evaluation to compare with"
-    for key in (SAMPLE_COUNT, SAMPLE_SEED):
-        if str(champion_tags.get(key)) != str(int(metrics.get(key, -1))):
-            return False, f"{key} differs from the champion's ({champion_tags.get(key)} vs {int(metrics.get(key, -1))})"
+    for key in MATCHING_KEYS:
+        if key not in metrics and key not in champion_tags:
+            continue
+        mine = tag_text(key, metrics[key]) if key in metrics else "missing"
+        if champion_tags.get(key, "missing") != mine:
+            return False, f"{key} differs from the champion's ({champion_tags.get(key, 'missing')} vs {mine})"
     challenger_fd = float(metrics[DECIDING_METRIC])
     champion_fd = float(champion_tags[DECIDING_METRIC])
     if challenger_fd < champion_fd:
@@ -61,8 +72,7 @@ def promote_model(model_name: str, version: str, tracking_uri: str, metrics: dic
     # 1. Challenger alias and metric tags on the version.
     client.set_registered_model_alias(model_name, CHALLENGER, version)
     for key, value in (metrics or {}).items():
-        text = str(int(value)) if key in (SAMPLE_COUNT, SAMPLE_SEED) else f"{value:.6g}"
-        client.set_model_version_tag(model_name, version, key, text)
+        client.set_model_version_tag(model_name, version, key, tag_text(key, value))
 
     # 2. Compare with the champion.
     champion = current_champion(client, model_name)
