@@ -1,6 +1,6 @@
-"""Ancestral DDPM sampling as one jitted ``lax.scan`` over all T steps.
+"""Samplers, each one jitted ``lax.scan`` over its steps: ancestral DDPM, DDIM and DPM-Solver++(2M).
 
-Each step predicts x_0 from x_t, clips it to [-1, 1], forms the posterior mean of
+Ancestral DDPM runs all T steps. Each step predicts x_0 from x_t, clips it to [-1, 1], forms the posterior mean of
 q(x_{t-1} | x_t, x_0) from it (Ho et al. 2020, Eq. 7) and adds noise with the chosen variance,
 except at t = 0, which returns the mean. Noise at step t comes from ``fold_in(key, t)``, so the
 same key gives the same images.
@@ -272,6 +272,10 @@ def dpm_solver_pp_sample(
     returns the x_0 prediction at t = 0. The sampler is deterministic given the initial noise,
     which comes from ``fold_in(key, T)`` as in ``ddim_sample``. Arguments and returns are as for
     ``ddim_sample``.
+
+    NOTE: with this evenly spaced timestep grid the last lambda step is large. On Gaussian test
+    data at T = 200 the sample standard deviation came out 3 % high at 10 steps and 16 % high at
+    20 steps; a grid evenly spaced in lambda would fit the solver better.
     """
     model_fn = guided_model_fn(apply_fn, params, labels, guidance_scale, null_label)
     num_timesteps = coeffs.num_timesteps

@@ -33,7 +33,7 @@ def evaluate_model(model_uri: str, tracking_uri: str, dataset_dir: str, cache_di
     given, and shown as a Prefect table artifact when the task runs inside a flow.
 
     Returns:
-      the metrics of ``EvalResult.metrics`` (``eval.frechet_distance``, ``eval.n`` and so on),
+      the metrics of ``EvalResult.metrics`` (``eval.frechet_distance``, ``eval.num_samples`` and so on),
       plus ``eval.seed`` and ``eval.classifier_test_accuracy``, all as floats.
     """
     logger = run_logger()

@@ -1,8 +1,8 @@
 """The registered MLflow model: a ``pyfunc`` that generates images from the EMA weights.
 
 Input: a pandas DataFrame with one row. Columns (all optional but ``num_samples``):
-``num_samples`` (int), ``seed`` (int), ``sampler`` ("ddpm", "ddpm_large" or "ddim"), ``steps``
-(int, 0 means T), ``eta`` (float, DDIM only), ``digits`` (comma-separated digits, class-conditional
+``num_samples`` (int), ``seed`` (int), ``sampler`` ("ddpm", "ddpm_large", "ddim" or
+"dpm_solver_pp"), ``steps`` (int, steps of ddim and dpm_solver_pp, 0 is the sampler's default), ``eta`` (float, DDIM only), ``digits`` (comma-separated digits, class-conditional
 models only) and ``guidance_scale`` (float).
 
 Output: float32 array [num_samples, 28, 28, 1] with pixel values in [-1, 1].

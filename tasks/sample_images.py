@@ -51,7 +51,8 @@ def sample_images(model_uri: str, tracking_uri: str, out_dir: str, num_samples: 
     """Generate images from ``model_uri`` (``models:/NAME@alias`` or ``models:/NAME/VERSION``).
 
     Writes ``out_dir/samples.npz`` with ``images`` [N, 28, 28, 1] and ``frames`` [F, B, 28, 28, 1]
-    in [-1, 1], and returns its path. ``steps`` applies to DDIM (0 means T).
+    in [-1, 1], and returns its path. ``steps`` applies to ddim and dpm_solver_pp (0 is the
+    sampler's default).
     """
     logger = run_logger()
     apply_fn, params, config = load_registered(model_uri, tracking_uri)

@@ -198,7 +198,8 @@ def test_flat_covers_every_field():
     config = make_config("smoke")
     flat = config.flat()
     expected = 1 + sum(
-        len(type(getattr(config, section)).model_fields) for section in ("model", "diffusion", "train", "sample")
+        len(type(getattr(config, section)).model_fields)
+        for section in ("model", "diffusion", "train", "sample", "eval")
     )
 
     assert len(flat) == expected

@@ -397,7 +397,7 @@ def test_evaluate_model_fn_logs_metrics(patched_task, tmp_path):
     assert all(isinstance(value, float) for value in metrics.values())
     logged = client.get_run(run_id).data
     assert logged.metrics["eval.frechet_distance"] == pytest.approx(metrics["eval.frechet_distance"])
-    assert logged.metrics["eval.n"] == 20.0
+    assert logged.metrics["eval.num_samples"] == 20.0
     assert logged.metrics["eval.seed"] == 0.0
     assert logged.tags["eval.sampler"] == "dpm_solver_pp"
     assert logged.tags["eval.classifier"].startswith("mnist-classifier-v")
