@@ -74,7 +74,7 @@ def maybe_initialize_distributed(
                                    process_id=process_id)
     except RuntimeError as error:
         raise RuntimeError(
-            f"cannot start jax.distributed as process {process_id} of {num_processes}: {error} "
+            f"failed to start jax.distributed as process {process_id} of {num_processes}: {error} "
             "Start it before any JAX computation, for example at the top of the launch script."
         ) from error
     logger.info("Started jax.distributed: process %d of %d, coordinator %s, %d local and %d global devices",
@@ -93,20 +93,20 @@ def _read_int(env: Mapping[str, str], name: str) -> int | None:
 
 
 def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
-    """One-dimensional mesh with axis ``"data"`` over ``devices`` (default: every device of the run)."""
+    """Build a one-dimensional mesh with axis ``"data"`` over ``devices`` (default: every device of the run)."""
     devices = jax.devices() if devices is None else list(devices)
     if not devices:
-        raise ValueError("cannot build a mesh without devices")
+        raise ValueError("devices is empty; a mesh needs at least one device")
     return Mesh(np.array(devices), (DATA_AXIS,))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
-    """Sharding that keeps a full copy on every device of ``mesh``."""
+    """Return the sharding that keeps a full copy on every device of ``mesh``."""
     return NamedSharding(mesh, PartitionSpec())
 
 
 def batch_sharded(mesh: Mesh) -> NamedSharding:
-    """Sharding that splits the leading (batch) axis over ``"data"``."""
+    """Return the sharding that splits the leading (batch) axis over ``"data"``."""
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 

@@ -3,7 +3,7 @@
 XLA fixes the number of CPU devices when JAX starts, so the runs on several devices happen in
 subprocesses started with ``XLA_FLAGS=--xla_force_host_platform_device_count=N``. This file is
 also the worker those subprocesses run: ``python tests/test_parallel.py worker`` trains the smoke
-model for a few steps on every device it sees and prints one JSON line with what the tests check.
+model for a few steps on every device it finds and prints one JSON line with what the tests check.
 """
 
 from __future__ import annotations
