@@ -124,7 +124,7 @@ class SampleConfig(_Section):
     grid_cols: int = Field(8, ge=1, le=64, description="images per row in the GIF and PNG grid")
     upscale: int = Field(3, ge=1, le=16, description="pixel upscale factor in the GIF and PNG")
     frame_duration_ms: int = Field(60, ge=10, le=10_000, description="GIF frame duration, in milliseconds")
-    final_hold_ms: int = Field(1500, ge=0, le=60_000, description="how long the GIF holds the final frame")
+    final_hold_ms: int = Field(1500, ge=0, le=60_000, description="extra display time of the GIF's final frame, in milliseconds")
 
 
 class EvalConfig(_Section):

@@ -50,7 +50,7 @@ def ddpm_step(
     t: jnp.ndarray,
     key: jax.Array,
 ) -> jnp.ndarray:
-    """One ancestral step x_t -> x_{t-1} for a scalar int32 timestep ``t``."""
+    """Take one ancestral step x_t -> x_{t-1} at a scalar int32 timestep ``t``."""
     t_batch = jnp.full((x_t.shape[0],), t, dtype=jnp.int32)
     output = model_fn(x_t, t_batch)
     x_start, _ = split_model_output(coeffs, prediction_type, output, x_t, t_batch)
@@ -154,6 +154,37 @@ def ddpm_sample(
     return jnp.clip(images, -1.0, 1.0), jnp.clip(frames, -1.0, 1.0)
 
 
+def scan_in_frames(step: Callable, carry, per_step: tuple[np.ndarray, ...], pad_values: tuple,
+                   frame_every: int, image_of: Callable, x_init: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Run ``step`` over the per-step inputs in one ``lax.scan``, keeping a frame every ``frame_every`` steps.
+
+    The inputs are padded at the front with ``pad_values`` so their length is a multiple of
+    ``frame_every``, and ``step`` must leave its state unchanged on padding entries. ``image_of``
+    takes the images [B, H, W, C] out of the carried state. Returns the final images and the
+    frames, both clipped to [-1, 1]; the frames start with ``x_init`` and are empty when
+    ``frame_every`` is 0.
+    """
+    num_steps = len(per_step[0])
+    keep_frames = frame_every > 0
+    frame_every = frame_every if keep_frames else num_steps
+    num_frames = -(-num_steps // frame_every)
+    padding = num_frames * frame_every - num_steps
+    inputs = tuple(
+        jnp.asarray(np.concatenate([np.full(padding, pad, values.dtype), values]).reshape(num_frames, frame_every))
+        for values, pad in zip(per_step, pad_values)
+    )
+
+    def chunk(state, chunk_inputs):
+        state, _ = jax.lax.scan(step, state, chunk_inputs)
+        return state, image_of(state)
+
+    carry, frames = jax.lax.scan(chunk, carry, inputs)
+    images = jnp.clip(image_of(carry), -1.0, 1.0)
+    if not keep_frames:
+        return images, jnp.zeros((0,) + x_init.shape, jnp.float32)
+    return images, jnp.clip(jnp.concatenate([x_init[None], frames], axis=0), -1.0, 1.0)
+
+
 def ddim_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
     """Evenly spaced timesteps from T-1 down to 0, rounded to integers ("linspace" spacing).
 
@@ -213,26 +244,8 @@ def ddim_sample(
         x_prev = jnp.sqrt(ab_prev) * x_start + direction + sigma * noise
         return jnp.where(valid, x_prev, x_t), None
 
-    keep_frames = frame_every > 0
-    frame_every = frame_every if keep_frames else num_steps
-    num_frames = -(-num_steps // frame_every)
-    padding = num_frames * frame_every - num_steps
-    pad = np.full(padding, -1, np.int32)
-    inputs = (
-        np.concatenate([pad, timesteps]).reshape(num_frames, frame_every),
-        np.concatenate([pad, previous]).reshape(num_frames, frame_every),
-        np.concatenate([pad, np.arange(num_steps, dtype=np.int32)]).reshape(num_frames, frame_every),
-    )
-
-    def chunk(x_t, chunk_inputs):
-        x_t, _ = jax.lax.scan(step, x_t, chunk_inputs)
-        return x_t, x_t
-
-    images, frames = jax.lax.scan(chunk, x_init, tuple(jnp.asarray(a) for a in inputs))
-    if not keep_frames:
-        return jnp.clip(images, -1.0, 1.0), jnp.zeros((0,) + shape, jnp.float32)
-    frames = jnp.concatenate([x_init[None], frames], axis=0)
-    return jnp.clip(images, -1.0, 1.0), jnp.clip(frames, -1.0, 1.0)
+    per_step = (timesteps, previous, np.arange(num_steps, dtype=np.int32))
+    return scan_in_frames(step, x_init, per_step, (-1, -1, -1), frame_every, lambda x_t: x_t, x_init)
 
 
 def _log_snr_half(alphas_cumprod: jnp.ndarray) -> jnp.ndarray:
@@ -320,25 +333,6 @@ def dpm_solver_pp_sample(
         # Padding entries (t = -1) leave the state unchanged.
         return (jnp.where(valid, x_next, x_t), jnp.where(valid, x_start, x_start_prev)), None
 
-    keep_frames = frame_every > 0
-    frame_every = frame_every if keep_frames else num_steps
-    num_frames = -(-num_steps // frame_every)
-    padding = num_frames * frame_every - num_steps
-    pad = np.full(padding, -1, np.int32)
-    inputs = (
-        np.concatenate([pad, timesteps]).reshape(num_frames, frame_every),
-        np.concatenate([pad, following]).reshape(num_frames, frame_every),
-        np.concatenate([pad, preceding]).reshape(num_frames, frame_every),
-        np.concatenate([np.zeros(padding, bool), second_order]).reshape(num_frames, frame_every),
-    )
-
-    def chunk(carry, chunk_inputs):
-        carry, _ = jax.lax.scan(step, carry, chunk_inputs)
-        return carry, carry[0]
-
-    (images, _), frames = jax.lax.scan(chunk, (x_init, jnp.zeros(shape, jnp.float32)),
-                                       tuple(jnp.asarray(a) for a in inputs))
-    if not keep_frames:
-        return jnp.clip(images, -1.0, 1.0), jnp.zeros((0,) + shape, jnp.float32)
-    frames = jnp.concatenate([x_init[None], frames], axis=0)
-    return jnp.clip(images, -1.0, 1.0), jnp.clip(frames, -1.0, 1.0)
+    per_step = (timesteps, following, preceding, second_order)
+    return scan_in_frames(step, (x_init, jnp.zeros(shape, jnp.float32)), per_step, (-1, -1, -1, False),
+                          frame_every, lambda carry: carry[0], x_init)

@@ -1,9 +1,9 @@
 """Jitted training: optimiser, EMA, and several optimiser steps per dispatch.
 
-The whole training set lives on the device as uint8 [N, 28, 28, 1]; each step draws its batch
+The whole training set lives on the device as uint8 [N, 28, 28, 1]. Each step draws its batch
 indices, timesteps and noise inside the compiled function from ``fold_in(state.key, step)``, so
-there is no Python data loader in the loop and a run resumed from a checkpoint draws exactly the
-batches an uninterrupted run would have drawn.
+there is no Python data loader in the loop. A run resumed from a checkpoint therefore draws
+exactly the batches an uninterrupted run would have drawn.
 
 Training is data-parallel over every device (see ``ddpm_core.parallel``): the state and the
 training set are replicated, and each step's batch is sharded over the mesh axis ``"data"``. The
@@ -99,7 +99,7 @@ class Trainer:
     mesh: Mesh | None = None
 
     def train_step(self, state: TrainState, images: jnp.ndarray, labels: jnp.ndarray) -> tuple[TrainState, dict]:
-        """One optimiser step. images: uint8 [N, 28, 28, 1]; labels: int32 [N]."""
+        """Take one optimiser step on a batch drawn from images uint8 [N, 28, 28, 1] and labels int32 [N]."""
         config = self.config
         batch_size = config.train.batch_size
 

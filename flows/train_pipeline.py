@@ -20,7 +20,7 @@ from tasks.tracking import PREFECT_FLOW_RUN_TAG, end_run, start_run, tag_run
 
 
 def new_run_name(preset: str) -> str:
-    """A readable, sortable run name such as ``cpu-20261204-153000``."""
+    """Build a readable, sortable run name such as ``cpu-20261204-153000``."""
     return f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
@@ -48,7 +48,7 @@ def train_pipeline(
       mlflow_config: path of the MLflow settings file (default ``./mlflow.yaml``).
       classifier_dir: cache of the MNIST classifier behind the evaluation metrics.
 
-    Every new version becomes the "challenger"; it becomes the "champion" when it is the first
+    Every new version becomes the "challenger". It becomes the "champion" when it is the first
     version or beats the champion's Fréchet distance at the same sample count and seed.
 
     Returns:

@@ -31,7 +31,7 @@ def dataset_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> st
 def prepare_dataset(data_dir: str, mnist_dir: str | None = None, verify_checksums: bool = True) -> str:
     """Prepare the MNIST splits under ``data_dir``; return the prepared TFDS folder.
 
-    ``mnist_dir`` (or ``$DDPM_MNIST_DIR``) is a local folder with the four original .gz files; with
+    ``mnist_dir`` (or ``$DDPM_MNIST_DIR``) is a local folder with the four original .gz files. With
     neither, the files are downloaded from TFDS's MNIST addresses and their checksums verified.
     """
     logger = run_logger()

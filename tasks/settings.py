@@ -15,7 +15,7 @@ MANIFEST_FILE = "run.json"
 
 
 class MlflowSettings(BaseModel):
-    """Where runs, artifacts and registered models go, and where the UI listens."""
+    """Locations of runs, artifacts and registered models, and the address of the UI."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -62,7 +62,7 @@ def load_mlflow_settings(path: str | None = None) -> MlflowSettings:
 
 
 def read_manifest(run_dir: str) -> dict[str, Any]:
-    """The manifest of an earlier run (paths and ids its tasks produced); empty if none yet."""
+    """Read the manifest of an earlier run: the paths and ids its tasks produced, or {} if none."""
     path = os.path.join(run_dir, MANIFEST_FILE)
     if not os.path.isfile(path):
         return {}
