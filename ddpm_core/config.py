@@ -135,6 +135,10 @@ class EvalConfig(_Section):
     seed: int = Field(0, ge=0, le=2**31 - 1, description="sampling seed of the evaluation")
     sampler: SamplerName = Field("ddim", description="sampler used for the evaluation samples")
     steps: int = Field(50, ge=0, le=4000, description="sampling steps of ddim and dpm_solver_pp; 0 is the sampler's default")
+    guidance_scale: float = Field(
+        2.0, ge=0.0, le=20.0,
+        description="classifier-free guidance of the per-digit samples of class-conditional models",
+    )
 
 
 class PipelineConfig(_Section):
@@ -183,8 +187,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model": {"base_channels": 16, "channel_mults": (1, 2, 2), "num_groups": 8, "attention_resolutions": (7,)},
         "diffusion": {"num_timesteps": 500, "schedule": "linear"},
         "train": {"steps": 1700, "batch_size": 64, "learning_rate": 2e-3, "warmup_steps": 100,
-                  "ema_decay": 0.995, "steps_per_dispatch": 1, "log_every": 25,
-                  "checkpoint_every": 300},
+                  "ema_decay": 0.995, "steps_per_dispatch": 4, "log_every": 100,
+                  "checkpoint_every": 400},
         "sample": {"num_samples": 64, "frame_every": 10},
         "eval": {"num_samples": 1000, "sampler": "ddim", "steps": 25},
     },

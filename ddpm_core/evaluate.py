@@ -237,12 +237,32 @@ def evaluate_samples(samples: np.ndarray, classifier: Classifier, test_images: n
     )
 
 
-def conditional_accuracy(samples: np.ndarray, requested_labels: np.ndarray, classifier: Classifier) -> float:
-    """Share of class-conditional samples that the classifier assigns to the requested digit."""
+def _check_requested(samples: np.ndarray, requested_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     samples = _check_samples(samples)
     requested_labels = np.asarray(requested_labels)
     if requested_labels.shape != (samples.shape[0],):
         raise ValueError(f"expected {samples.shape[0]} requested labels, got shape {requested_labels.shape}")
     if requested_labels.size and not np.all((0 <= requested_labels) & (requested_labels < NUM_CLASSES)):
         raise ValueError(f"requested labels must be in [0, {NUM_CLASSES - 1}]")
+    return samples, requested_labels
+
+
+def conditional_accuracy(samples: np.ndarray, requested_labels: np.ndarray, classifier: Classifier) -> float:
+    """Share of class-conditional samples that the classifier assigns to the requested digit."""
+    samples, requested_labels = _check_requested(samples, requested_labels)
     return classifier.accuracy(samples, requested_labels)
+
+
+def per_class_accuracy(samples: np.ndarray, requested_labels: np.ndarray,
+                       classifier: Classifier) -> tuple[float, np.ndarray]:
+    """Overall and per-digit share of samples classified as their requested digit.
+
+    Returns the overall share and float64 [10] with one share per digit, NaN for a digit that
+    was not requested.
+    """
+    samples, requested_labels = _check_requested(samples, requested_labels)
+    hits = np.argmax(classifier.predict_proba(samples), axis=-1) == requested_labels
+    per_digit = np.full(NUM_CLASSES, np.nan)
+    for digit in np.unique(requested_labels):
+        per_digit[digit] = float(np.mean(hits[requested_labels == digit]))
+    return float(np.mean(hits)) if hits.size else float("nan"), per_digit

@@ -30,6 +30,68 @@ COORDINATOR_ADDRESS_ENV = "JAX_COORDINATOR_ADDRESS"
 NUM_PROCESSES_ENV = "JAX_NUM_PROCESSES"
 PROCESS_ID_ENV = "JAX_PROCESS_ID"
 
+# Number of CPU devices to split the host into (see configure_cpu_devices).
+CPU_DEVICES_ENV = "DDPM_CPU_DEVICES"
+HOST_DEVICE_FLAG = "--xla_force_host_platform_device_count"
+MAX_AUTO_CPU_DEVICES = 8
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity), at least 1."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:  # not Linux
+        return max(os.cpu_count() or 1, 1)
+
+
+def cpu_device_count(env: Mapping[str, str] | None = None, cores: int | None = None) -> int:
+    """How many CPU devices ``configure_cpu_devices`` asks XLA for.
+
+    ``DDPM_CPU_DEVICES`` wins when set. Otherwise the usable cores rounded down to a power of two,
+    at most 8, so that the power-of-two batch sizes of the presets split evenly.
+
+    Raises:
+      ValueError: ``DDPM_CPU_DEVICES`` is not an integer of at least 1.
+    """
+    env = os.environ if env is None else env
+    value = _read_int(env, CPU_DEVICES_ENV)
+    if value is not None:
+        if value < 1:
+            raise ValueError(f"{CPU_DEVICES_ENV} must be at least 1, got {value}")
+        return value
+    cores = usable_cores() if cores is None else cores
+    count = 1
+    while count * 2 <= min(cores, MAX_AUTO_CPU_DEVICES):
+        count *= 2
+    return count
+
+
+def configure_cpu_devices(env: dict[str, str] | None = None, cores: int | None = None) -> int | None:
+    """Split the host CPU into several XLA devices, so that data-parallel training uses every core.
+
+    XLA:CPU runs most convolutions of the train step on one thread. With one CPU device per core
+    and the batch sharded over them (see ``make_mesh``), each core runs its share of the batch.
+    This appends ``--xla_force_host_platform_device_count`` to ``XLA_FLAGS`` in ``env`` (default:
+    ``os.environ``) and returns the count. It changes nothing, and returns None, when
+    ``XLA_FLAGS`` already sets the count or when JAX has already started its backends, because
+    XLA reads the flag only then. Set ``DDPM_CPU_DEVICES=1`` to keep one CPU device. Other
+    platforms (GPU, TPU) are not affected.
+    """
+    env = os.environ if env is None else env
+    flags = env.get("XLA_FLAGS", "")
+    if HOST_DEVICE_FLAG in flags:
+        return None
+    count = cpu_device_count(env, cores)
+    if count == 1:
+        return None
+    from jax._src import xla_bridge
+
+    if xla_bridge.backends_are_initialized():
+        logger.debug("JAX backends already started; keeping the current CPU device count")
+        return None
+    env["XLA_FLAGS"] = f"{flags} {HOST_DEVICE_FLAG}={count}".strip()
+    return count
+
 
 def maybe_initialize_distributed(
     coordinator_address: str | None = None,

@@ -258,6 +258,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for name, value in TELEMETRY_DEFAULTS.items():
         os.environ.setdefault(name, value)
+    from ddpm_core.parallel import configure_cpu_devices
+
+    configure_cpu_devices()  # before any JAX computation: one CPU device per core for training
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("jax._src.xla_bridge", "absl", "orbax", "httpx"):

@@ -11,12 +11,18 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from ddpm_core.config import make_config
+from ddpm_core.parallel import configure_cpu_devices
+
 from tasks import prepare_dataset, register_model, render_gif, sample_images, train_model
 from tasks.common import run_logger
 from tasks.evaluate_model import evaluate_model
 from tasks.promote_model import CHALLENGER, promote_model
 from tasks.settings import load_mlflow_settings, read_manifest, update_manifest
 from tasks.tracking import PREFECT_FLOW_RUN_TAG, end_run, start_run, tag_run
+
+# A deployment imports this module in a fresh process: split the CPU into one device per core
+# before any JAX computation, so that training shards its batch over every core.
+configure_cpu_devices()
 
 
 def new_run_name(preset: str) -> str:
@@ -97,7 +103,8 @@ def train_pipeline(
             evaluation = config.eval
             metrics = evaluate_model(model_uri, tracking_uri, dataset_dir, os.path.abspath(classifier_dir),
                                      mlflow_run_id, num_samples=evaluation.num_samples, seed=evaluation.seed,
-                                     sampler=evaluation.sampler, steps=evaluation.steps)
+                                     sampler=evaluation.sampler, steps=evaluation.steps,
+                                     guidance_scale=evaluation.guidance_scale)
             metrics = {**metrics, "eval.seed": float(evaluation.seed)}
             update_manifest(run_dir, metrics=metrics)
         alias = promote_model(settings.registered_model_name, version, tracking_uri, metrics, mlflow_run_id)

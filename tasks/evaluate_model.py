@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 
+import numpy as np
 from mlflow import MlflowClient
 from mlflow.entities import Metric, RunTag
 from prefect import task
@@ -13,7 +14,7 @@ from prefect.context import TaskRunContext
 
 from ddpm_core.classifier import classifier_dir, load_or_train_classifier
 from ddpm_core.data import load_split
-from ddpm_core.evaluate import evaluate_samples
+from ddpm_core.evaluate import evaluate_samples, per_class_accuracy
 from ddpm_core.generate import generate
 from tasks.common import run_logger
 from tasks.sample_images import load_registered
@@ -24,17 +25,21 @@ ARTIFACT_KEY = "sample-evaluation"
 @task(name="evaluate_model", retries=1, retry_delay_seconds=5)
 def evaluate_model(model_uri: str, tracking_uri: str, dataset_dir: str, cache_dir: str,
                    mlflow_run_id: str | None = None, num_samples: int = 1000, seed: int = 0,
-                   sampler: str = "ddpm", steps: int = 0, batch_size: int = 256) -> dict[str, float]:
+                   sampler: str = "ddpm", steps: int = 0, batch_size: int = 256,
+                   guidance_scale: float = 2.0) -> dict[str, float]:
     """Generate ``num_samples`` images from ``model_uri`` and score them against MNIST.
 
     The classifier behind the metrics is loaded from ``cache_dir``, or trained there on the
     first call for a dataset (a few minutes on a CPU). The Fréchet distances use n =
-    ``num_samples`` images per set. Metrics are logged to the MLflow run ``mlflow_run_id`` when
+    ``num_samples`` images per set. A class-conditional model is also asked for every digit in
+    turn (``num_samples`` more images, with classifier-free guidance ``guidance_scale``), and the
+    share the classifier agrees with is reported overall and per digit. Metrics are logged to the MLflow run ``mlflow_run_id`` when
     given, and shown as a Prefect table artifact when the task runs inside a flow.
 
     Returns:
       the metrics of ``EvalResult.metrics`` (``eval.frechet_distance``, ``eval.num_samples`` and so on),
-      plus ``eval.seed`` and ``eval.classifier_test_accuracy``, all as floats.
+      plus ``eval.seed`` and ``eval.classifier_test_accuracy``, and for class-conditional models
+      ``eval.conditional_accuracy`` and ``eval.conditional_accuracy_<digit>``, all as floats.
     """
     logger = run_logger()
     apply_fn, params, config = load_registered(model_uri, tracking_uri)
@@ -53,6 +58,20 @@ def evaluate_model(model_uri: str, tracking_uri: str, dataset_dir: str, cache_di
     metrics["eval.seed"] = float(seed)
     # Feature scales differ between classifiers, so Fréchet distances compare only under one classifier.
     metrics["eval.classifier_test_accuracy"] = classifier.test_accuracy
+    if config.model.num_classes > 0:
+        digits = list(range(config.model.num_classes))
+        start = time.perf_counter()
+        guided, _ = generate(apply_fn, params, config, num_samples=num_samples, seed=seed + 1, sampler=sampler,
+                             steps=steps, batch_size=batch_size, digits=digits, guidance_scale=guidance_scale)
+        requested = np.resize(np.asarray(digits, np.int32), num_samples)
+        overall, per_digit = per_class_accuracy(guided, requested, classifier)
+        metrics["eval.conditional_accuracy"] = overall
+        metrics["eval.guidance_scale"] = float(guidance_scale)
+        metrics.update({f"eval.conditional_accuracy_{digit}": float(share)
+                        for digit, share in enumerate(per_digit) if np.isfinite(share)})
+        logger.info("Conditional samples (guidance %.1f, %.0f s): %.1f %% classified as the requested digit, "
+                    "lowest digit %.1f %%", guidance_scale, time.perf_counter() - start, 100 * overall,
+                    100 * np.nanmin(per_digit))
     classifier_name = os.path.basename(classifier_dir(dataset_dir, cache_dir))
     logger.info("Evaluation of %d samples: Fréchet distance %.3f (real-data floor %.3f), confident share %.3f, "
                 "class KL %.4f, nearest-training-image median %.3f", result.n, result.frechet_distance,

@@ -11,6 +11,11 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 import pytest  # noqa: E402
 
+from ddpm_core.parallel import configure_cpu_devices  # noqa: E402
+
+# The same CPU device split as the CLI and the training flow, so the tests run the default path.
+configure_cpu_devices()
+
 
 @pytest.fixture(scope="session")
 def prefect_server():

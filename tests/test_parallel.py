@@ -34,6 +34,7 @@ OVERRIDES = {
     "model.dropout": 0.1,
 }
 WORKER_TIMEOUT_S = 240
+HOST_DEVICE_FLAG = "--xla_force_host_platform_device_count"
 
 
 def bar_images() -> tuple[np.ndarray, np.ndarray]:
@@ -96,7 +97,9 @@ def run_worker(cache_dir: str) -> dict:
 
 def start_worker(device_count: int, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={device_count}".strip()
+    # Drop the device count that the test session itself runs with.
+    flags = [flag for flag in env.get("XLA_FLAGS", "").split() if not flag.startswith(HOST_DEVICE_FLAG)]
+    env["XLA_FLAGS"] = " ".join(flags + [f"{HOST_DEVICE_FLAG}={device_count}"])
     env["JAX_PLATFORMS"] = "cpu"
     env.update(extra_env or {})
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -251,3 +254,53 @@ if __name__ == "__main__" and sys.argv[1:] == ["worker"]:
     with tempfile.TemporaryDirectory(prefix="ddpm-test-parallel-") as worker_cache_dir:
         result = run_worker(worker_cache_dir)
     print(json.dumps(result))
+
+
+@pytest.mark.parametrize(("cores", "expected"), [(1, 1), (2, 2), (3, 2), (6, 4), (8, 8), (64, 8)])
+def test_cpu_device_count_follows_cores(cores, expected):
+    from ddpm_core.parallel import cpu_device_count
+
+    assert cpu_device_count(env={}, cores=cores) == expected
+
+
+def test_cpu_device_count_setting_wins():
+    from ddpm_core.parallel import cpu_device_count
+
+    assert cpu_device_count(env={"DDPM_CPU_DEVICES": "3"}, cores=2) == 3
+    assert cpu_device_count(env={"DDPM_CPU_DEVICES": "1"}, cores=16) == 1
+    with pytest.raises(ValueError, match="DDPM_CPU_DEVICES must be at least 1"):
+        cpu_device_count(env={"DDPM_CPU_DEVICES": "0"}, cores=2)
+    with pytest.raises(ValueError, match="DDPM_CPU_DEVICES must be an integer"):
+        cpu_device_count(env={"DDPM_CPU_DEVICES": "two"}, cores=2)
+
+
+def test_configure_cpu_devices_sets_flag_once():
+    from ddpm_core.parallel import configure_cpu_devices
+
+    env = {"XLA_FLAGS": "--xla_cpu_enable_fast_math=false"}
+    # JAX started its backends when this session began, so only the environment logic is checked
+    # here; a subprocess checks the effect below.
+    import jax._src.xla_bridge as bridge
+
+    started = bridge.backends_are_initialized
+    bridge.backends_are_initialized = lambda: False
+    try:
+        assert configure_cpu_devices(env, cores=4) == 4
+        assert env["XLA_FLAGS"] == "--xla_cpu_enable_fast_math=false --xla_force_host_platform_device_count=4"
+        assert configure_cpu_devices(env, cores=4) is None  # already set: unchanged
+        assert env["XLA_FLAGS"].count("device_count") == 1
+        one = {"DDPM_CPU_DEVICES": "1"}
+        assert configure_cpu_devices(one, cores=4) is None
+        assert "XLA_FLAGS" not in one
+    finally:
+        bridge.backends_are_initialized = started
+
+
+def test_configure_cpu_devices_gives_jax_that_many_devices():
+    code = ("from ddpm_core.parallel import configure_cpu_devices; n = configure_cpu_devices(); "
+            "import jax; print(n, jax.device_count())")
+    env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
+    env["DDPM_CPU_DEVICES"] = "3"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                            timeout=WORKER_TIMEOUT_S, check=True)
+    assert result.stdout.split() == ["3", "3"]
