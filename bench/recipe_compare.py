@@ -5,7 +5,7 @@ from the same seed, then scored with the evaluator of the pipeline (``ddpm_core.
 samples of its EMA weights. Class-conditional variants are scored twice: unconditionally (the null
 label), like the others, and on requested digits with classifier-free guidance.
 
-The budget is far below the preset's, so the table ranks what helps early in training; a recipe
+The budget is far below the preset's, so the table ranks what helps early in training. A recipe
 that only pays off later can lose here.
 
 Examples:
@@ -58,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num-samples", type=int, default=1000,
                         help="samples scored per variant, also the n of the Fréchet distances (default: %(default)s)")
     parser.add_argument("--sampler", default="ddim", help="sampler of the scored samples (default: %(default)s)")
-    parser.add_argument("--sample-steps", type=int, default=25, help="its steps (default: %(default)s)")
+    parser.add_argument("--sample-steps", type=int, default=25, help="steps of that sampler (default: %(default)s)")
     parser.add_argument("--guidance-scale", type=float, default=2.0,
                         help="guidance scale of the conditional samples (default: %(default)s)")
     parser.add_argument("--data-dir", default="data", help="where MNIST is prepared (default: %(default)s)")

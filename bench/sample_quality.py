@@ -22,15 +22,19 @@ import os
 import sys
 import time
 
-import common  # bench/common.py, imports JAX
-import numpy as np
+from ddpm_core.parallel import configure_cpu_devices
 
-from ddpm_core.checkpoint import load_model
-from ddpm_core.classifier import load_or_train_classifier
-from ddpm_core.data import load_split, prepare_mnist
-from ddpm_core.evaluate import evaluate_samples, per_class_accuracy
-from ddpm_core.generate import generate
-from sample_throughput import parse_sampler  # bench/sample_throughput.py
+configure_cpu_devices()
+
+import common  # noqa: E402  bench/common.py, imports JAX
+import numpy as np  # noqa: E402
+
+from ddpm_core.checkpoint import load_model  # noqa: E402
+from ddpm_core.classifier import load_or_train_classifier  # noqa: E402
+from ddpm_core.data import load_split, prepare_mnist  # noqa: E402
+from ddpm_core.evaluate import evaluate_samples, per_class_accuracy  # noqa: E402
+from ddpm_core.generate import generate  # noqa: E402
+from sample_throughput import parse_sampler  # noqa: E402  bench/sample_throughput.py
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -91,7 +95,7 @@ def main(argv=None) -> int:
             result = evaluate_samples(samples, classifier, test_images, train_images, n=n, seed=0)
             shares = np.asarray(result.class_histogram)
             accuracy = ""
-            if conditional:
+            if conditional and n == min(args.num_samples):
                 digits = list(range(config.model.num_classes))
                 guided, _ = generate(apply_fn, params, config, num_samples=n, seed=1, sampler=sampler, steps=steps,
                                      batch_size=args.batch_size, digits=digits, guidance_scale=args.guidance_scale)

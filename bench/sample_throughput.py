@@ -14,16 +14,21 @@ import argparse
 import sys
 import time
 
-import common  # bench/common.py
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
+from ddpm_core.parallel import configure_cpu_devices
 
-from ddpm_core.config import make_config
-from ddpm_core.generate import SAMPLERS, generate
-from ddpm_core.unet import ModelApply, create_model
-from flows.cli import parse_override
+configure_cpu_devices()
+
+import common  # noqa: E402  bench/common.py
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from ddpm_core.config import make_config  # noqa: E402
+from ddpm_core.generate import SAMPLERS, generate  # noqa: E402
+from ddpm_core.parallel import batch_sharded, make_mesh, put_replicated  # noqa: E402
+from ddpm_core.unet import ModelApply, create_model  # noqa: E402
+from flows.cli import parse_override  # noqa: E402
 
 
 def parse_sampler(text: str) -> tuple[str, int]:
@@ -61,13 +66,20 @@ def parse_args(argv=None) -> argparse.Namespace:
 def measure_forward(apply_fn, params, batch_size: int, repeats: int, peak_gflops: float) -> list:
     x = jax.random.normal(jax.random.PRNGKey(1), (batch_size, 28, 28, 1), jnp.float32)
     t = jnp.full((batch_size,), 10, jnp.int32)
+    # Split over the local devices as generate does; XLA's cost analysis then counts one device.
+    mesh = make_mesh(jax.local_devices())
+    devices = 1
+    if mesh.size > 1 and batch_size % mesh.size == 0:
+        x, t = jax.device_put((x, t), batch_sharded(mesh))
+        params = put_replicated(params, mesh)
+        devices = mesh.size
     started = time.perf_counter()
     compiled = jax.jit(apply_fn).lower(params, x, t).compile()
     compile_s = time.perf_counter() - started
     compiled(params, x, t).block_until_ready()
     durations = common.time_calls(lambda: compiled(params, x, t).block_until_ready(), repeats)
     seconds = common.median(durations)
-    flops = common.cost_flops(compiled)
+    flops = common.cost_flops(compiled) * devices
     dense_flops = common.matmul_conv_flops(jax.make_jaxpr(apply_fn)(params, x, t).jaxpr)
     gflops = flops / seconds / 1e9
     return [batch_size, 1e3 * seconds, batch_size / seconds, flops / batch_size / 1e6,

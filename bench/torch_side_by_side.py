@@ -6,6 +6,8 @@ residual block per level on the way down and two on the way up, and attention at
 middle. It trains with the same loss and the same optimiser steps: gradient-norm clipping, Adam,
 and an EMA update.
 Both run in this process, with their timed repeats interleaved so that other load hits both alike.
+JAX runs as the pipeline does: the CPU split into one device per core unless ``DDPM_CPU_DEVICES``
+says otherwise, the preset's steps per dispatch, and the forward batch split over the devices.
 FLOPs per image are counted the same way on both sides: 2 x multiply-adds of convolutions and
 matrix products (JAX: from the jaxpr; PyTorch: ``torch.utils.flop_counter``).
 
@@ -19,16 +21,21 @@ Example:
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
-import common  # bench/common.py
-import jax
-import jax.numpy as jnp
-import numpy as np
+from ddpm_core.parallel import configure_cpu_devices
 
-from ddpm_core.config import make_config
-from ddpm_core.parallel import put_replicated
-from ddpm_core.train import compile_train_chunk, create_trainer
+configure_cpu_devices()
+
+import common  # noqa: E402  bench/common.py
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ddpm_core.config import make_config  # noqa: E402
+from ddpm_core.parallel import batch_sharded, put_replicated  # noqa: E402
+from ddpm_core.train import compile_train_chunk, create_trainer  # noqa: E402
 
 DATASET_SIZE = 60_000
 
@@ -136,6 +143,10 @@ def main(argv=None) -> int:
     jax_step = compile_train_chunk(trainer).lower(state, images_jax, labels_jax).compile()
     x = jax.random.normal(jax.random.PRNGKey(1), (batch, 28, 28, 1), jnp.float32)
     t = jnp.full((batch,), 10, jnp.int32)
+    if batch % trainer.mesh.size == 0:
+        x, t = jax.device_put((x, t), batch_sharded(trainer.mesh))
+    dispatches = math.ceil(args.steps / config.train.steps_per_dispatch)
+    jax_steps = dispatches * config.train.steps_per_dispatch
     jax_forward = jax.jit(trainer.apply).lower(state.ema_params, x, t).compile()
     jax_flops = common.matmul_conv_flops(jax.make_jaxpr(trainer.apply)(state.ema_params, x, t).jaxpr) / batch
     jax_params = sum(leaf.size for leaf in jax.tree.leaves(state.params))
@@ -150,7 +161,7 @@ def main(argv=None) -> int:
 
     def jax_train():
         nonlocal state
-        for _ in range(args.steps):
+        for _ in range(dispatches):
             state, _ = jax_step(state, images_jax, labels_jax)
         jax.block_until_ready(state)
 
@@ -171,8 +182,9 @@ def main(argv=None) -> int:
                 torch_trainer.model(torch_x, torch_t)
 
     for _ in range(args.warmup):
-        state, _ = jax_step(state, images_jax, labels_jax)
         torch_trainer.step(batch)
+    for _ in range(math.ceil(args.warmup / config.train.steps_per_dispatch)):
+        state, _ = jax_step(state, images_jax, labels_jax)
     jax_infer()
     torch_infer()
 
@@ -182,7 +194,8 @@ def main(argv=None) -> int:
         timings["torch_train"] += common.time_calls(torch_train, 1)
         timings["jax_forward"] += common.time_calls(jax_infer, 1)
         timings["torch_forward"] += common.time_calls(torch_infer, 1)
-    train_rate = {side: args.steps * batch / common.median(timings[f"{side}_train"]) for side in ("jax", "torch")}
+    train_rate = {"jax": jax_steps * batch / common.median(timings["jax_train"]),
+                  "torch": args.steps * batch / common.median(timings["torch_train"])}
     forward_rate = {side: args.forward_calls * batch / common.median(timings[f"{side}_forward"])
                     for side in ("jax", "torch")}
 
@@ -195,8 +208,9 @@ def main(argv=None) -> int:
     ]
     table = common.format_table(["side", "parameters", "forward MFLOP/image", "train images/s",
                                  "forward images/s"], rows)
-    body = (f"Preset `{args.preset}` model, batch {batch}, {args.steps} training steps and {args.forward_calls} "
-            f"forward calls per repeat, medians of {args.repeats} interleaved repeats after {args.warmup} warm-up "
+    body = (f"Preset `{args.preset}` model, batch {batch}, {args.steps} training steps ({jax_steps} on the JAX "
+            f"side, {config.train.steps_per_dispatch} per dispatch, on {jax.device_count()} device(s)) and "
+            f"{args.forward_calls} forward calls per repeat, medians of {args.repeats} interleaved repeats after {args.warmup} warm-up "
             f"steps. torch {torch.__version__} with {torch.get_num_threads()} threads, diffusers "
             f"{diffusers.__version__}.\n\n{table}")
     common.finish("JAX and PyTorch side by side", body, args, common.describe_machine(other_load))

@@ -9,7 +9,12 @@ Examples:
   .venv/bin/python bench/train_throughput.py                      # cpu preset, batch 64
   .venv/bin/python bench/train_throughput.py --batch-size 32 64 128 --steps-per-dispatch 1 2 5
   .venv/bin/python bench/train_throughput.py --loop scan unrolled --steps-per-dispatch 5
-  .venv/bin/python bench/train_throughput.py --compare-xla-flags "--xla_cpu_use_onednn=true"
+  .venv/bin/python bench/train_throughput.py --compare-xla-flags="--xla_cpu_enable_fast_math=true"
+  DDPM_CPU_DEVICES=1 .venv/bin/python bench/train_throughput.py   # one CPU device for all cores
+
+Like the ``ddpm`` command, the script splits the CPU into one device per core unless
+``DDPM_CPU_DEVICES`` or ``XLA_FLAGS`` says otherwise (``ddpm_core.parallel.configure_cpu_devices``).
+A value of ``--compare-xla-flags`` that starts with ``--`` must be joined with ``=`` as above.
 """
 
 from __future__ import annotations
@@ -24,8 +29,12 @@ import time
 
 import numpy as np
 
-import common  # bench/common.py
-import jax
+from ddpm_core.parallel import configure_cpu_devices
+
+configure_cpu_devices()
+
+import common  # noqa: E402  bench/common.py
+import jax  # noqa: E402
 
 from ddpm_core.config import make_config
 from ddpm_core.parallel import put_replicated, replicated
@@ -101,9 +110,13 @@ def make_chunk(trainer, loop: str):
 
 
 def step_flops(trainer, state, images, labels) -> float:
-    """Return the FLOPs of one optimiser step from XLA's cost analysis of the compiled single step."""
+    """Return the FLOPs of one optimiser step from XLA's cost analysis of the compiled single step.
+
+    The analysis of a partitioned step counts one device's share, so it is multiplied by the
+    number of devices of the mesh.
+    """
     compiled = jax.jit(trainer.train_step).lower(state, images, labels).compile()
-    return common.cost_flops(compiled)
+    return common.cost_flops(compiled) * trainer.mesh.size
 
 
 class Variant:
@@ -128,7 +141,7 @@ class Variant:
         # would not multiply its body by the trip count.
         if self.batch not in flops_cache:
             if steps_per_dispatch == 1 and loop != "scan":
-                xla_flops = common.cost_flops(self.compiled)
+                xla_flops = common.cost_flops(self.compiled) * trainer.mesh.size
             else:
                 xla_flops = step_flops(trainer, self.state, self.images, self.labels)
             jaxpr = jax.make_jaxpr(trainer.train_step)(self.state, self.images, self.labels).jaxpr

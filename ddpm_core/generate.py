@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_core.config import IMAGE_CHANNELS, IMAGE_SIZE, PipelineConfig
+from ddpm_core.parallel import make_mesh, put_replicated
 from ddpm_core.sampling import ddim_sample, ddpm_sample, dpm_solver_pp_sample
 from ddpm_core.schedule import make_coefficients
 from ddpm_core.unet import ModelApply
@@ -50,6 +51,9 @@ def generate(
         first batch only, which bounds memory for large requests.
       digits: labels to request from a class-conditional model, repeated to ``num_samples``.
 
+    With several local devices (for example a CPU split by ``configure_cpu_devices``), each
+    batch whose size the device count divides is split over them; the images stay the same.
+
     Returns:
       images float32 [N, 28, 28, 1] in [-1, 1] and frames float32 [F, B, 28, 28, 1] (empty when
       ``frame_every`` is 0). The same seed and arguments give the same images.
@@ -74,6 +78,9 @@ def generate(
         labels_all = np.resize(np.asarray(digits, np.int32), num_samples)
 
     coeffs = make_coefficients(config.diffusion.schedule, num_timesteps)
+    mesh = make_mesh(jax.local_devices()) if jax.local_device_count() > 1 else None
+    params_single = params
+    params_on_mesh = put_replicated(params, mesh) if mesh is not None else params
     base_key = jax.random.fold_in(jax.random.PRNGKey(seed), SAMPLE_KEY_STREAM)
     images, first_frames = [], None
     for batch_index, start in enumerate(range(0, num_samples, batch_size)):
@@ -82,8 +89,10 @@ def generate(
         shape = (count, IMAGE_SIZE, IMAGE_SIZE, IMAGE_CHANNELS)
         labels = None if labels_all is None else jnp.asarray(labels_all[start:start + count])
         keep_frames = frame_every if batch_index == 0 else 0
+        split = mesh is not None and count % mesh.size == 0
         common = dict(prediction_type=config.diffusion.prediction_type, frame_every=keep_frames, labels=labels,
-                      guidance_scale=float(guidance_scale), null_label=num_classes)
+                      guidance_scale=float(guidance_scale), null_label=num_classes, mesh=mesh if split else None)
+        params = params_on_mesh if split else params_single
         if sampler == "ddim":
             batch, frames = ddim_sample(apply_fn, params, coeffs, key, shape, num_steps=steps or num_timesteps,
                                         eta=eta, **common)

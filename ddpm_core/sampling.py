@@ -20,7 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.sharding import Mesh
+
 from ddpm_core.diffusion import extract, q_posterior_mean_variance, split_model_output
+from ddpm_core.parallel import constrain_batch
 from ddpm_core.schedule import DiffusionCoefficients
 
 # model_fn(x_t [B, H, W, C], t [B]) -> network output [B, H, W, C]
@@ -95,7 +98,8 @@ def guided_model_fn(apply_fn: ApplyFn, params, labels: jnp.ndarray | None, guida
     return model_fn
 
 
-@partial(jax.jit, static_argnames=("apply_fn", "prediction_type", "variance", "shape", "frame_every", "guidance_scale", "null_label"))
+@partial(jax.jit, static_argnames=("apply_fn", "prediction_type", "variance", "shape", "frame_every", "guidance_scale",
+                                   "null_label", "mesh"))
 def ddpm_sample(
     apply_fn: ApplyFn,
     params,
@@ -108,6 +112,7 @@ def ddpm_sample(
     labels: jnp.ndarray | None = None,
     guidance_scale: float = 0.0,
     null_label: int = 0,
+    mesh: Mesh | None = None,
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Generate images with ancestral DDPM sampling from x_{T} ~ N(0, I).
 
@@ -121,16 +126,19 @@ def ddpm_sample(
       guidance_scale: classifier-free guidance weight w (0 is plain conditional sampling).
       null_label: the "no label" index of a class-conditional model (its num_classes).
       frame_every: keep one intermediate frame every this many steps; 0 keeps only the final image.
+      mesh: devices to split the batch over (axis ``"data"``, see ``ddpm_core.parallel``), with
+        ``params`` replicated on them; None runs on one device. The images do not depend on it.
 
     Returns:
       images float32 [B, H, W, C] in [-1, 1], and frames float32 [F + 1, B, H, W, C] starting with
       the initial noise and ending with the final images (F = ceil(T / frame_every)), or an empty
       [0, B, H, W, C] array when ``frame_every`` is 0.
     """
+    labels = constrain_batch(labels, mesh)
     model_fn = guided_model_fn(apply_fn, params, labels, guidance_scale, null_label)
     num_timesteps = coeffs.num_timesteps
     log_var = log_variance(coeffs, variance)
-    x_init = jax.random.normal(jax.random.fold_in(key, num_timesteps), shape, jnp.float32)
+    x_init = constrain_batch(jax.random.normal(jax.random.fold_in(key, num_timesteps), shape, jnp.float32), mesh)
 
     def step(x_t, t):
         x_prev = ddpm_step(coeffs, model_fn, prediction_type, log_var, x_t, jnp.maximum(t, 0),
@@ -199,7 +207,7 @@ def ddim_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
 
 
 @partial(jax.jit, static_argnames=("apply_fn", "prediction_type", "shape", "num_steps", "frame_every",
-                                   "guidance_scale", "null_label"))
+                                   "guidance_scale", "null_label", "mesh"))
 def ddim_sample(
     apply_fn: ApplyFn,
     params,
@@ -213,6 +221,7 @@ def ddim_sample(
     labels: jnp.ndarray | None = None,
     guidance_scale: float = 0.0,
     null_label: int = 0,
+    mesh: Mesh | None = None,
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Generate images with DDIM (Song et al. 2021, Eq. 12) over ``ddim_timesteps(T, num_steps)``.
 
@@ -221,11 +230,12 @@ def ddim_sample(
     without noise. Arguments and returns are as for ``ddpm_sample``; frames are kept every
     ``frame_every`` sampling steps.
     """
+    labels = constrain_batch(labels, mesh)
     model_fn = guided_model_fn(apply_fn, params, labels, guidance_scale, null_label)
     num_timesteps = coeffs.num_timesteps
     timesteps = ddim_timesteps(num_timesteps, num_steps)
     previous = np.append(timesteps[1:], -1).astype(np.int32)
-    x_init = jax.random.normal(jax.random.fold_in(key, num_timesteps), shape, jnp.float32)
+    x_init = constrain_batch(jax.random.normal(jax.random.fold_in(key, num_timesteps), shape, jnp.float32), mesh)
     alphas_cumprod = coeffs.alphas_cumprod
 
     def step(x_t, inputs):
@@ -294,6 +304,7 @@ def dpm_solver_pp_sample(
     guidance_scale: float = 0.0,
     null_label: int = 0,
     spacing: str = "log_snr",
+    mesh: Mesh | None = None,
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Generate images with the multistep DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2).
 
@@ -310,11 +321,11 @@ def dpm_solver_pp_sample(
     else:
         raise ValueError(f"unknown spacing {spacing!r}; choose 'log_snr' or 'linspace'")
     return dpm_solver_pp_scan(apply_fn, params, coeffs, key, shape, tuple(int(t) for t in timesteps),
-                              prediction_type, frame_every, labels, guidance_scale, null_label)
+                              prediction_type, frame_every, labels, guidance_scale, null_label, mesh)
 
 
 @partial(jax.jit, static_argnames=("apply_fn", "prediction_type", "shape", "timesteps", "frame_every",
-                                   "guidance_scale", "null_label"))
+                                   "guidance_scale", "null_label", "mesh"))
 def dpm_solver_pp_scan(
     apply_fn: ApplyFn,
     params,
@@ -327,6 +338,7 @@ def dpm_solver_pp_scan(
     labels: jnp.ndarray | None = None,
     guidance_scale: float = 0.0,
     null_label: int = 0,
+    mesh: Mesh | None = None,
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """The scan of ``dpm_solver_pp_sample`` over strictly decreasing ``timesteps`` ending at 0.
 
@@ -345,6 +357,7 @@ def dpm_solver_pp_scan(
     returns the x_0 prediction at t = 0. The sampler is deterministic given the initial noise,
     which comes from ``fold_in(key, T)`` as in ``ddim_sample``.
     """
+    labels = constrain_batch(labels, mesh)
     model_fn = guided_model_fn(apply_fn, params, labels, guidance_scale, null_label)
     num_timesteps = coeffs.num_timesteps
     timesteps = np.asarray(timesteps, np.int32)
@@ -354,7 +367,7 @@ def dpm_solver_pp_scan(
     # Second order needs a previous prediction (not at the first step) and a finite h (not at the last).
     second_order = np.zeros(num_steps, bool)
     second_order[1:-1] = True
-    x_init = jax.random.normal(jax.random.fold_in(key, num_timesteps), shape, jnp.float32)
+    x_init = constrain_batch(jax.random.normal(jax.random.fold_in(key, num_timesteps), shape, jnp.float32), mesh)
     alphas_cumprod = coeffs.alphas_cumprod
 
     def step(carry, inputs):

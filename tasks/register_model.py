@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 
@@ -15,9 +16,16 @@ from tasks.pyfunc_model import INPUT_EXAMPLE, MODEL_ARTIFACT, SIGNATURE, DdpmSam
 
 PREFECT_FLOW_RUN_TAG = "prefect_flow_run_id"
 MLFLOW_RUN_TAG = "mlflow_run_id"
-# The generated requirements miss jax and friends, because the model loads them lazily.
-EXTRA_REQUIREMENTS = ["jax==0.10.2", "jaxlib==0.10.2", "flax==0.12.8", "orbax-checkpoint==0.12.8",
-                      "optax==0.2.8", "pydantic==2.14.4"]
+# What loading the model needs, at the versions installed here. Stating them saves MLflow from
+# inferring them, which loads the model in a subprocess and took most of this task's time; it
+# would also miss jax and friends, which the model imports lazily.
+REQUIRED_PACKAGES = ("mlflow", "jax", "jaxlib", "flax", "orbax-checkpoint", "optax", "pydantic", "numpy", "pandas",
+                     "cloudpickle")
+
+
+def pip_requirements() -> list[str]:
+    """Pinned requirements of the registered model, from the installed versions."""
+    return [f"{name}=={importlib.metadata.version(name)}" for name in REQUIRED_PACKAGES]
 
 
 def find_version_of_run(client: MlflowClient, model_name: str, run_id: str) -> str | None:
@@ -57,7 +65,7 @@ def register_model(model_dir: str, mlflow_run_id: str, model_name: str, tracking
                 artifacts={MODEL_ARTIFACT: model_dir},
                 input_example=INPUT_EXAMPLE,
                 signature=SIGNATURE,
-                extra_pip_requirements=EXTRA_REQUIREMENTS,
+                pip_requirements=pip_requirements(),
                 metadata={"ddpm_config": {key: str(value) for key, value in config.items()}},
             )
         registered = mlflow.register_model(info.model_uri, model_name)

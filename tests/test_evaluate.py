@@ -37,6 +37,7 @@ from ddpm_core.evaluate import (
     class_histogram,
     conditional_accuracy,
     confident_share,
+    per_class_accuracy,
     evaluate_samples,
     feature_statistics,
     frechet_distance,
@@ -365,6 +366,37 @@ def test_conditional_accuracy(synthetic_classifier, synthetic_data):
         conditional_accuracy(samples, test_labels[:39], classifier)
 
 
+def test_per_class_accuracy(synthetic_classifier, synthetic_data):
+    classifier, _ = synthetic_classifier
+    _, _, test_images, test_labels = synthetic_data
+    keep = test_labels != 3  # digit 3 is never requested
+    samples, labels = to_model_range(test_images[keep]), test_labels[keep]
+    overall, per_digit = per_class_accuracy(samples, labels, classifier)
+    assert overall == pytest.approx(conditional_accuracy(samples, labels, classifier))
+    assert per_digit.shape == (10,)
+    assert np.isnan(per_digit[3])
+    assert np.all(per_digit[np.arange(10) != 3] >= 0.8)
+    # Weighted by how often each digit was requested, the per-digit shares give the overall one.
+    counts = np.bincount(labels, minlength=10)
+    assert np.nansum(per_digit * counts) / counts.sum() == pytest.approx(overall)
+    _, wrong = per_class_accuracy(samples, (labels + 1) % 10, classifier)
+    assert np.nanmax(wrong) <= 0.2
+
+
+@dataclass(frozen=True)
+class ClassMeanEps:
+    """Exact noise predictor for data that is always the mean image of the requested class.
+
+    The null label 10 stands for the mean over all classes.
+    """
+
+    def __call__(self, params, x, t, y=None):
+        alphas_cumprod = params["alphas_cumprod"][t][:, None, None, None]
+        labels = jnp.full(x.shape[0], 10) if y is None else y
+        target = params["class_means"][labels]
+        return (x - jnp.sqrt(alphas_cumprod) * target) / jnp.sqrt(1.0 - alphas_cumprod)
+
+
 # ---------------------------------------------------------------- evaluate_model task
 
 
@@ -402,6 +434,30 @@ def test_evaluate_model_fn_logs_metrics(patched_task, tmp_path):
     assert logged.tags["eval.sampler"] == "dpm_solver_pp"
     assert logged.tags["eval.classifier"].startswith("mnist-classifier-v")
     assert logged.metrics["eval.classifier_test_accuracy"] == pytest.approx(metrics["eval.classifier_test_accuracy"])
+
+
+def test_evaluate_model_reports_conditional_accuracy(synthetic_classifier, synthetic_data, monkeypatch):
+    classifier, _ = synthetic_classifier
+    train_images, train_labels, test_images, test_labels = synthetic_data
+    config = make_config("smoke", {"model.num_classes": 10})
+    coeffs = make_coefficients(config.diffusion.schedule, config.diffusion.num_timesteps)
+    pixels = to_model_range(train_images)
+    means = np.stack([pixels[train_labels == digit].mean(axis=0) for digit in range(10)] + [pixels.mean(axis=0)])
+    params = {"alphas_cumprod": coeffs.alphas_cumprod, "class_means": jnp.asarray(means)}
+    splits = {"train": (train_images, train_labels), "test": (test_images, test_labels)}
+    monkeypatch.setattr(evaluate_task_module, "load_registered", lambda uri, tracking: (ClassMeanEps(), params, config))
+    monkeypatch.setattr(evaluate_task_module, "load_or_train_classifier", lambda data, cache: classifier)
+    monkeypatch.setattr(evaluate_task_module, "load_split", lambda directory, split: splits[split])
+
+    metrics = evaluate_task_module.evaluate_model.fn("models:/test/1", "unused", "unused", "unused",
+                                                     num_samples=30, sampler="ddim", steps=10, guidance_scale=1.0)
+
+    # Each guided sample is its class's mean image, which the classifier recognises.
+    assert metrics["eval.conditional_accuracy"] >= 0.9
+    assert metrics["eval.guidance_scale"] == 1.0
+    assert {f"eval.conditional_accuracy_{digit}" for digit in range(10)} <= set(metrics)
+    shares = [metrics[f"eval.conditional_accuracy_{digit}"] for digit in range(10)]
+    assert np.mean(shares) == pytest.approx(metrics["eval.conditional_accuracy"])
 
 
 def test_evaluate_model_in_flow_creates_artifact(patched_task, prefect_server):

@@ -304,3 +304,35 @@ def test_configure_cpu_devices_gives_jax_that_many_devices():
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                             timeout=WORKER_TIMEOUT_S, check=True)
     assert result.stdout.split() == ["3", "3"]
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm_solver_pp"])
+def test_sampling_split_over_devices_gives_same_images(sampler):
+    import jax
+
+    from ddpm_core.config import make_config
+    from ddpm_core.parallel import make_mesh, put_replicated
+    from ddpm_core.sampling import ddim_sample, ddpm_sample, dpm_solver_pp_sample
+    from ddpm_core.schedule import make_coefficients
+    from ddpm_core.unet import ModelApply, create_model
+
+    if jax.local_device_count() < 2:
+        pytest.skip("needs several devices: the test session splits the CPU only on machines with 2 cores or more")
+    from flax import nnx
+
+    config = make_config("smoke", {"model.num_classes": 10})
+    graphdef, params = nnx.split(create_model(config.model, seed=3))
+    apply_fn = ModelApply(graphdef)
+    coeffs = make_coefficients(config.diffusion.schedule, config.diffusion.num_timesteps)
+    mesh = make_mesh(jax.local_devices())
+    shape = (2 * mesh.size, 28, 28, 1)
+    labels = jax.numpy.arange(shape[0]) % 10
+    run = {"ddpm": lambda **kw: ddpm_sample(apply_fn, kw.pop("params"), coeffs, jax.random.PRNGKey(0), shape, **kw),
+           "ddim": lambda **kw: ddim_sample(apply_fn, kw.pop("params"), coeffs, jax.random.PRNGKey(0), shape,
+                                            num_steps=5, eta=1.0, **kw),
+           "dpm_solver_pp": lambda **kw: dpm_solver_pp_sample(apply_fn, kw.pop("params"), coeffs,
+                                                              jax.random.PRNGKey(0), shape, num_steps=5, **kw)}[sampler]
+    single, _ = run(params=params, labels=labels, guidance_scale=1.5, null_label=10)
+    split, _ = run(params=put_replicated(params, mesh), labels=labels, guidance_scale=1.5, null_label=10, mesh=mesh)
+    assert len(split.sharding.device_set) == mesh.size
+    np.testing.assert_allclose(np.asarray(split), np.asarray(single), atol=2e-5)

@@ -100,6 +100,19 @@ def test_pyfunc_model_generates_images(smoke_run):
     np.testing.assert_array_equal(images, again)
 
 
+def test_model_states_its_requirements(smoke_run):
+    import importlib.metadata
+
+    settings = smoke_run["settings"]
+    mlflow.set_tracking_uri(settings.resolved_tracking_uri())
+    local = mlflow.artifacts.download_artifacts(f"models:/{settings.registered_model_name}@champion")
+    with open(f"{local}/requirements.txt", encoding="utf-8") as handle:
+        requirements = handle.read().split()
+    assert f"jax=={importlib.metadata.version('jax')}" in requirements
+    assert f"flax=={importlib.metadata.version('flax')}" in requirements
+    assert any(line.startswith("mlflow==") for line in requirements)
+
+
 def test_register_again_adds_no_version(smoke_run):
     settings = smoke_run["settings"]
     result = smoke_run["result"]
