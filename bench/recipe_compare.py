@@ -47,6 +47,8 @@ VARIANTS: dict[str, dict[str, object]] = {
     "lr_1e-3": {"train.learning_rate": 1e-3},
     "width_24": {"model.base_channels": 24, "model.num_groups": 8},
     "conditional": {"model.num_classes": 10},
+    "x_start_conditional": {"diffusion.prediction_type": "x_start", "model.num_classes": 10},
+    "min_snr_conditional": {"diffusion.loss_weighting": "min_snr", "model.num_classes": 10},
 }
 
 

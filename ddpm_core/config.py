@@ -183,12 +183,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eval": {"enabled": False},
     },
     # The README's main job: about a quarter of an hour on a 2-core CPU.
+    # Recipe chosen with bench/recipe_compare.py (see docs/benchmarks.md).
     "cpu": {
-        "model": {"base_channels": 16, "channel_mults": (1, 2, 2), "num_groups": 8, "attention_resolutions": (7,)},
-        "diffusion": {"num_timesteps": 500, "schedule": "linear"},
-        "train": {"steps": 1700, "batch_size": 64, "learning_rate": 2e-3, "warmup_steps": 100,
+        "model": {"base_channels": 16, "channel_mults": (1, 2, 2), "num_groups": 8, "attention_resolutions": (7,),
+                  "num_classes": 10},
+        "diffusion": {"num_timesteps": 500, "schedule": "linear", "prediction_type": "x_start"},
+        "train": {"steps": 3600, "batch_size": 64, "learning_rate": 2e-3, "warmup_steps": 100,
                   "ema_decay": 0.995, "steps_per_dispatch": 4, "log_every": 100,
-                  "checkpoint_every": 400},
+                  "checkpoint_every": 1200},
         "sample": {"num_samples": 64, "frame_every": 10},
         "eval": {"num_samples": 1000, "sampler": "ddim", "steps": 25},
     },
