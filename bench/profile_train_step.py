@@ -57,7 +57,7 @@ def primitive_of(hlo_text: str) -> dict[str, str]:
         match = HLO_LINE.match(line)
         if match:
             path = match.group(2)
-            primitive = path.split("/")[-1]
+            primitive = path.split("/")[-1].rstrip(")")
             names[match.group(1)] = f"{primitive} (backward)" if "transpose(" in path else primitive
     return names
 
