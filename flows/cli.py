@@ -68,7 +68,7 @@ def _add_sampling_options(parser: argparse.ArgumentParser, defaults: dict[str, A
                         help="images generated per compiled call; bounds memory (default: %(default)s)")
     parser.add_argument("--digits", type=int, nargs="+", metavar="DIGIT",
                         help="digits to generate, for class-conditional models (e.g. --digits 2 7 3)")
-    parser.add_argument("--guidance-scale", type=float, default=0.0,
+    parser.add_argument("--guidance-scale", type=float, default=2.0,
                         help="classifier-free guidance weight for --digits (default: %(default)s)")
 
 

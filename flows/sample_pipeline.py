@@ -26,7 +26,7 @@ def sample_pipeline(
     frame_every: int = 20,
     batch_size: int = 256,
     digits: list[int] | None = None,
-    guidance_scale: float = 0.0,
+    guidance_scale: float = 2.0,
     grid_cols: int = 8,
     upscale: int = 3,
     output_dir: str = "outputs",

@@ -3,7 +3,7 @@
 Input: a pandas DataFrame with one row. Columns (all optional but ``num_samples``):
 ``num_samples`` (int), ``seed`` (int), ``sampler`` ("ddpm", "ddpm_large", "ddim" or
 "dpm_solver_pp"), ``steps`` (int, steps of ddim and dpm_solver_pp, 0 is the sampler's default), ``eta`` (float, DDIM only), ``digits`` (comma-separated digits, class-conditional
-models only) and ``guidance_scale`` (float).
+models only) and ``guidance_scale`` (float, 2 by default; it applies with ``digits``).
 
 Output: float32 array [num_samples, 28, 28, 1] with pixel values in [-1, 1].
 """
@@ -82,6 +82,6 @@ class DdpmSampler(mlflow.pyfunc.PythonModel):
             steps=int(_field(row, "steps", 0)),
             eta=float(_field(row, "eta", 0.0)),
             digits=parse_digits(row.get("digits")),
-            guidance_scale=float(_field(row, "guidance_scale", 0.0)),
+            guidance_scale=float(_field(row, "guidance_scale", 2.0)),
         )
         return images

@@ -47,7 +47,7 @@ def load_registered(model_uri: str, tracking_uri: str):
 @task(name="sample_images", retries=1, retry_delay_seconds=5)
 def sample_images(model_uri: str, tracking_uri: str, out_dir: str, num_samples: int = 64, seed: int = 0,
                   sampler: str = "ddpm", steps: int = 0, eta: float = 0.0, frame_every: int = 20,
-                  batch_size: int = 256, digits: list[int] | None = None, guidance_scale: float = 0.0) -> str:
+                  batch_size: int = 256, digits: list[int] | None = None, guidance_scale: float = 2.0) -> str:
     """Generate images from ``model_uri`` (``models:/NAME@alias`` or ``models:/NAME/VERSION``).
 
     Writes ``out_dir/samples.npz`` with ``images`` [N, 28, 28, 1] and ``frames`` [F, B, 28, 28, 1]
