@@ -1,4 +1,4 @@
-"""Where the train step spends its time: a jax.profiler trace, summed by kind of XLA operation.
+"""Time profile of the train step: a jax.profiler trace, summed by kind of XLA operation.
 
 The script compiles the project's train step, runs a few dispatches under ``jax.profiler``, reads
 the trace back with JAX's own reader (``jax.profiler.ProfileData``) and sums the time of every

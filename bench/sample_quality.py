@@ -1,8 +1,8 @@
 """Sample quality of one trained model against the sampler, its steps and the number of samples.
 
-For each sampler and each n, the script generates n images from the model (seed 0), scores them
-with the evaluator of the pipeline (``ddpm_core.evaluate``, the MNIST classifier's features) and
-reports the Fréchet distance beside the real-data floor at the same n, the confident share, the
+For each sampler and each n, the script generates n images from the model (seed 0) and scores
+them with the evaluator of the pipeline (``ddpm_core.evaluate``, the MNIST classifier's features).
+It reports the Fréchet distance beside the real-data floor at the same n, the confident share, the
 digit shares and the sampling speed. A class-conditional model is also scored on requested
 digits with classifier-free guidance.
 

@@ -45,7 +45,7 @@ def usable_cores() -> int:
 
 
 def cpu_device_count(env: Mapping[str, str] | None = None, cores: int | None = None) -> int:
-    """How many CPU devices ``configure_cpu_devices`` asks XLA for.
+    """Return the number of CPU devices that ``configure_cpu_devices`` requests from XLA.
 
     ``DDPM_CPU_DEVICES`` wins when set. Otherwise the usable cores rounded down to a power of two,
     at most 8, so that the power-of-two batch sizes of the presets split evenly.

@@ -340,7 +340,7 @@ def dpm_solver_pp_scan(
     null_label: int = 0,
     mesh: Mesh | None = None,
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """The scan of ``dpm_solver_pp_sample`` over strictly decreasing ``timesteps`` ending at 0.
+    """Run the scan of ``dpm_solver_pp_sample`` over strictly decreasing ``timesteps`` ending at 0.
 
     The solver integrates the probability-flow ODE in lambda = log(alpha / sigma), with
     alpha = sqrt(alphas_cumprod) and sigma = sqrt(1 - alphas_cumprod), using the network's data
