@@ -160,6 +160,9 @@ def validate_sampling(args: argparse.Namespace) -> None:
     for name, value, minimum in checks:
         if value < minimum:
             raise ValueError(f"{name} must be at least {minimum}, got {value}")
+    bad_digits = [digit for digit in args.digits or [] if not 0 <= digit <= 9]
+    if bad_digits:
+        raise ValueError(f"--digits must be in [0, 9], got {bad_digits}")
     if not 0.0 <= args.eta <= 1.0:
         raise ValueError(f"--eta must be in [0, 1], got {args.eta}")
 
@@ -260,16 +263,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault(name, value)
     from ddpm_core.parallel import configure_cpu_devices
 
-    configure_cpu_devices()  # before any JAX computation: one CPU device per core for training
+    try:
+        configure_cpu_devices()  # before any JAX computation: one CPU device per core for training
+    except ValueError as error:
+        print(f"ddpm: error: {error}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("jax._src.xla_bridge", "absl", "orbax", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
+    from mlflow.exceptions import MlflowException
+
     handlers = {"train": run_train, "sample": run_sample, "task": run_task, "ui": run_ui, "presets": run_presets}
     try:
         return handlers[args.command](args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, MlflowException) as error:
         print(f"ddpm {args.command}: error: {error}", file=sys.stderr)
         return 2
 

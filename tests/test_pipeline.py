@@ -153,6 +153,27 @@ def test_cli_rejects_bad_value_early(capsys):
     assert "greater than or equal to 1" in error
 
 
+def test_cli_rejects_bad_digits_early(capsys):
+    status = cli_main(["sample", "--digits", "2", "12"])
+    assert status == 2
+    assert "--digits must be in [0, 9], got [12]" in capsys.readouterr().err
+
+
+def test_cli_rejects_bad_cpu_device_count(monkeypatch, capsys):
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setenv("DDPM_CPU_DEVICES", "abc")
+    status = cli_main(["presets"])
+    assert status == 2
+    assert "DDPM_CPU_DEVICES must be an integer, got 'abc'" in capsys.readouterr().err
+
+
+def test_cli_reports_missing_model_version(smoke_run, capsys):
+    status = cli_main(["sample", f"{smoke_run['settings'].registered_model_name}/99", "--num-samples", "1",
+                       "--mlflow-config", smoke_run["settings_path"]])
+    assert status == 2
+    assert "not found" in capsys.readouterr().err
+
+
 def test_cli_task_needs_manifest(tmp_path, capsys):
     status = cli_main(["task", "train-model", "--run-dir", str(tmp_path)])
     assert status == 2
