@@ -7,7 +7,7 @@ middle. It trains with the same loss and the same optimiser steps: gradient-norm
 and an EMA update.
 Both run in this process, with their timed repeats interleaved so that other load hits both alike.
 JAX runs as the pipeline does: the CPU split into one device per core unless ``DDPM_CPU_DEVICES``
-says otherwise, the preset's steps per dispatch, and the forward batch split over the devices.
+sets another count, the preset's steps per dispatch, and the forward batch split over the devices.
 FLOPs per image are counted the same way on both sides: 2 x multiply-adds of convolutions and
 matrix products (JAX: from the jaxpr; PyTorch: ``torch.utils.flop_counter``).
 

@@ -79,7 +79,6 @@ def generate(
 
     coeffs = make_coefficients(config.diffusion.schedule, num_timesteps)
     mesh = make_mesh(jax.local_devices()) if jax.local_device_count() > 1 else None
-    params_single = params
     params_on_mesh = put_replicated(params, mesh) if mesh is not None else params
     base_key = jax.random.fold_in(jax.random.PRNGKey(seed), SAMPLE_KEY_STREAM)
     images, first_frames = [], None
@@ -92,17 +91,17 @@ def generate(
         split = mesh is not None and count % mesh.size == 0
         common = dict(prediction_type=config.diffusion.prediction_type, frame_every=keep_frames, labels=labels,
                       guidance_scale=float(guidance_scale), null_label=num_classes, mesh=mesh if split else None)
-        params = params_on_mesh if split else params_single
+        batch_params = params_on_mesh if split else params
         if sampler == "ddim":
-            batch, frames = ddim_sample(apply_fn, params, coeffs, key, shape, num_steps=steps or num_timesteps,
+            batch, frames = ddim_sample(apply_fn, batch_params, coeffs, key, shape, num_steps=steps or num_timesteps,
                                         eta=eta, **common)
         elif sampler == "dpm_solver_pp":
             num_steps = steps or min(DPM_SOLVER_DEFAULT_STEPS, num_timesteps)
-            batch, frames = dpm_solver_pp_sample(apply_fn, params, coeffs, key, shape, num_steps=num_steps,
+            batch, frames = dpm_solver_pp_sample(apply_fn, batch_params, coeffs, key, shape, num_steps=num_steps,
                                                  **common)
         else:
             variance = "fixed_small" if sampler == "ddpm" else "fixed_large"
-            batch, frames = ddpm_sample(apply_fn, params, coeffs, key, shape, variance=variance, **common)
+            batch, frames = ddpm_sample(apply_fn, batch_params, coeffs, key, shape, variance=variance, **common)
         images.append(np.asarray(batch))
         if batch_index == 0:
             first_frames = np.asarray(frames)

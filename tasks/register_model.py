@@ -16,7 +16,7 @@ from tasks.pyfunc_model import INPUT_EXAMPLE, MODEL_ARTIFACT, SIGNATURE, DdpmSam
 
 PREFECT_FLOW_RUN_TAG = "prefect_flow_run_id"
 MLFLOW_RUN_TAG = "mlflow_run_id"
-# What loading the model needs, at the versions installed here. Stating them saves MLflow from
+# Packages that loading the model needs, pinned to the versions installed here. Stating them saves MLflow from
 # inferring them by loading the model in a subprocess, which took most of this task's time. The
 # inference would also miss jax and friends, because the model imports them lazily.
 REQUIRED_PACKAGES = ("mlflow", "jax", "jaxlib", "flax", "orbax-checkpoint", "optax", "pydantic", "numpy", "pandas",
